@@ -1,0 +1,147 @@
+"""What every algorithm shares: the model seen as a function, task-parallel execution, and
+evaluation by adaptation (score the query set after each inner step on the support set)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from metalearn_cli.algorithms.inner_optim import InnerSGD
+from metalearn_cli.tasks import Objective, TaskBatch
+
+Params = dict[str, Tensor]
+
+#: names accepted by `algo.vectorize`
+VECTORIZE_CHOICES = ("auto", "vmap", "loop")
+
+
+class FunctionalModel:
+    """An `nn.Module` used as the pure function f(params, x), plus the task objective."""
+
+    def __init__(self, module: nn.Module, objective: Objective) -> None:
+        self.module = module
+        self.objective = objective
+
+    def params(self) -> Params:
+        return dict(self.module.named_parameters())
+
+    def __call__(self, params: Params, x: Tensor) -> Tensor:
+        return functional_call(self.module, (params, dict(self.module.named_buffers())), (x,))
+
+    def loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
+        return self.objective.loss(self(params, x), y)
+
+
+@dataclass
+class MetaStep:
+    """The result of one meta-iteration's computation.
+
+    Either `loss`, a differentiable meta-objective whose gradient the outer optimizer follows
+    (MAML, FO-MAML, fine-tuning), or `direction`, an explicit per-parameter update direction that
+    is used as the gradient (Reptile: theta - mean(adapted theta)).
+    """
+
+    loss: Tensor | None = None
+    direction: Params | None = None
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+def _stack(outputs: list[Any]) -> Any:
+    first = outputs[0]
+    if isinstance(first, Tensor):
+        return torch.stack(outputs)
+    if isinstance(first, dict):
+        return {k: _stack([o[k] for o in outputs]) for k in first}
+    if isinstance(first, (tuple, list)):
+        return type(first)(_stack([o[i] for o in outputs]) for i in range(len(first)))
+    raise TypeError(f"cannot stack outputs of type {type(first).__name__}")
+
+
+def over_tasks(fn: Callable[..., Any], how: str, *per_task: Tensor) -> Any:
+    """Apply fn to every task (dimension 0 of each tensor in `per_task`) and stack the results.
+
+    how="vmap" runs all tasks at once with torch.func.vmap; how="loop" runs them one by one.
+    Both compute the same function; which is faster depends on the model and the device.
+    """
+    if how == "vmap":
+        return vmap(fn)(*per_task)
+    if how == "loop":
+        return _stack([fn(*(t[i] for t in per_task)) for i in range(per_task[0].shape[0])])
+    raise ValueError(f"unknown task execution {how!r}; allowed: vmap, loop")
+
+
+class Algorithm(ABC):
+    """Base of every meta-learning algorithm.
+
+    inner_lr, inner_steps: the inner loop used in meta-training.
+    eval_inner_steps, eval_inner_lr: the adaptation used to score validation and test tasks.
+    outer_lr: the meta-optimizer's learning rate.
+    vectorize: how tasks of a batch are run (see `over_tasks`); "auto" picks per workload.
+    """
+
+    name = "algorithm"
+
+    def __init__(
+        self,
+        inner_lr: float,
+        inner_steps: int,
+        eval_inner_steps: int,
+        outer_lr: float,
+        eval_inner_lr: float | None = None,
+        vectorize: str = "auto",
+    ) -> None:
+        self.inner_lr = float(inner_lr)
+        self.inner_steps = int(inner_steps)
+        self.eval_inner_steps = int(eval_inner_steps)
+        self.eval_inner_lr = float(eval_inner_lr if eval_inner_lr is not None else inner_lr)
+        self.outer_lr = float(outer_lr)
+        self.vectorize = vectorize
+
+    # -- execution strategy ---------------------------------------------------------------
+    def execution(self, fmodel: FunctionalModel) -> str:
+        """The strategy `auto` resolves to for this model (measured in BENCHMARKS.md)."""
+        if self.vectorize != "auto":
+            return self.vectorize
+        return "vmap"
+
+    # -- meta-training --------------------------------------------------------------------
+    def configure_optimizers(self, parameters: Iterable[nn.Parameter], max_steps: int) -> dict:
+        return {"optimizer": torch.optim.Adam(parameters, lr=self.outer_lr)}
+
+    @abstractmethod
+    def meta_step(self, fmodel: FunctionalModel, tasks: TaskBatch) -> MetaStep:
+        """Compute one meta-iteration over `tasks` (does not touch the model's parameters)."""
+
+    # -- evaluation -------------------------------------------------------------------------
+    def eval_optimizer(self):
+        return InnerSGD(self.eval_inner_lr)
+
+    def evaluate(self, fmodel: FunctionalModel, tasks: TaskBatch, steps: int | None = None) -> Tensor:
+        """Adapt to each task's support set and score its query set before and after each step.
+
+        Returns a [T, steps + 1] tensor of the objective's metric: column k is the query metric
+        after k inner steps. Gradients are taken with torch.func.grad, so this works inside
+        Lightning's validation/test loops (which run under no_grad).
+        """
+        steps = self.eval_inner_steps if steps is None else steps
+        params = {k: v.detach() for k, v in fmodel.params().items()}
+        optimizer = self.eval_optimizer()
+        metric = fmodel.objective.metric
+
+        def score(support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> Tensor:
+            adapted, state = params, optimizer.init(params)
+            scores = [metric(fmodel(adapted, query_x), query_y)]
+            for _ in range(steps):
+                grads = grad(fmodel.loss)(adapted, support_x, support_y)
+                adapted, state = optimizer.step(adapted, grads, state)
+                scores.append(metric(fmodel(adapted, query_x), query_y))
+            return torch.stack(scores)
+
+        with torch.enable_grad():
+            return over_tasks(score, self.execution(fmodel), *tasks.tensors()).detach()
+

@@ -1,0 +1,59 @@
+"""Functional optimizers for inner loops: params and state in, new params and state out.
+
+No tensor is updated in place, so the same code runs per task in a Python loop or under
+`torch.func.vmap` over the tasks of a meta-batch.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+Params = dict[str, torch.Tensor]
+
+
+class InnerSGD:
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+
+    def init(self, params: Params) -> dict:
+        return {}
+
+    def step(self, params: Params, grads: Params, state: dict) -> tuple[Params, dict]:
+        return {k: p - self.lr * grads[k] for k, p in params.items()}, state
+
+
+class InnerAdam:
+    """Adam as in torch.optim.Adam (no weight decay); Reptile's inner loop uses betas (0, 0.999)."""
+
+    def __init__(self, lr: float, betas: Sequence[float] = (0.0, 0.999), eps: float = 1e-8) -> None:
+        self.lr = lr
+        self.beta1, self.beta2 = float(betas[0]), float(betas[1])
+        self.eps = eps
+
+    def init(self, params: Params) -> dict:
+        return {
+            "t": 0,
+            "m": {k: torch.zeros_like(p) for k, p in params.items()},
+            "v": {k: torch.zeros_like(p) for k, p in params.items()},
+        }
+
+    def step(self, params: Params, grads: Params, state: dict) -> tuple[Params, dict]:
+        t = state["t"] + 1
+        m = {k: self.beta1 * state["m"][k] + (1 - self.beta1) * g for k, g in grads.items()}
+        v = {k: self.beta2 * state["v"][k] + (1 - self.beta2) * g * g for k, g in grads.items()}
+        bias1 = 1 - self.beta1**t
+        bias2 = 1 - self.beta2**t
+        new = {
+            k: p - self.lr * (m[k] / bias1) / ((v[k] / bias2).sqrt() + self.eps) for k, p in params.items()
+        }
+        return new, {"t": t, "m": m, "v": v}
+
+
+def make_inner_optimizer(name: str, lr: float, betas: Sequence[float] = (0.0, 0.999)):
+    if name == "sgd":
+        return InnerSGD(lr)
+    if name == "adam":
+        return InnerAdam(lr, betas)
+    raise ValueError(f"unknown inner optimizer {name!r}; allowed: sgd, adam")

@@ -1,0 +1,54 @@
+"""MAML (Finn, Abbeel, Levine 2017) and its first-order approximation.
+
+For each task i of a meta-batch, the inner loop takes `inner_steps` SGD steps from the shared
+initialization theta on the task's support set,
+
+    theta_i^0 = theta,   theta_i^(k+1) = theta_i^k - inner_lr * grad L_support_i(theta_i^k),
+
+and the meta-objective is the mean query loss of the adapted parameters,
+J(theta) = mean_i L_query_i(theta_i^K). Its gradient is exact (second order: it flows back
+through every inner gradient) unless `first_order` is set, in which case the inner gradients
+are treated as constants and dJ/dtheta = mean_i grad L_query_i(theta_i^K) (FO-MAML).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.func import grad
+
+from metalearn_cli.algorithms.base import Algorithm, FunctionalModel, MetaStep, Params, over_tasks
+from metalearn_cli.tasks import TaskBatch
+
+
+class MAML(Algorithm):
+    name = "maml"
+
+    def __init__(self, *args, first_order: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.first_order = bool(first_order)
+
+    def adapt(self, fmodel: FunctionalModel, params: Params, x: Tensor, y: Tensor, steps: int) -> Params:
+        """The inner loop: `steps` SGD steps on (x, y), differentiable w.r.t. `params`."""
+        for _ in range(steps):
+            grads = grad(fmodel.loss)(params, x, y)
+            if self.first_order:
+                grads = {k: g.detach() for k, g in grads.items()}
+            params = {k: p - self.inner_lr * grads[k] for k, p in params.items()}
+        return params
+
+    def meta_step(self, fmodel: FunctionalModel, tasks: TaskBatch) -> MetaStep:
+        params = fmodel.params()
+        objective = fmodel.objective
+
+        def query_loss(support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor):
+            adapted = self.adapt(fmodel, params, support_x, support_y, self.inner_steps)
+            prediction = fmodel(adapted, query_x)
+            return objective.loss(prediction, query_y), objective.metric(prediction, query_y)
+
+        losses, metrics = over_tasks(query_loss, self.execution(fmodel), *tasks.tensors())
+        loss = losses.mean()
+        return MetaStep(
+            loss=loss,
+            metrics={"loss": loss.detach(), objective.metric_name: metrics.detach().mean()},
+        )

@@ -1,0 +1,79 @@
+"""The one place where a composed config becomes objects (every `_target_` is instantiated here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from metalearn_cli import __version__
+from metalearn_cli.algorithms.base import Algorithm
+from metalearn_cli.checkpointing import RunCheckpoints
+from metalearn_cli.config_checks import check_against_data, check_config
+from metalearn_cli.data.base import TaskSource
+from metalearn_cli.datamodule import TaskDataModule
+from metalearn_cli.module import MetaLearner
+from metalearn_cli.samplers import EpisodicSampler
+
+
+@dataclass
+class Experiment:
+    source: TaskSource
+    sampler: EpisodicSampler
+    algorithm: Algorithm
+    module: MetaLearner
+    datamodule: TaskDataModule
+
+
+def build_experiment(cfg: DictConfig, choices: dict | None = None) -> Experiment:
+    check_config(cfg)
+    source: TaskSource = instantiate(cfg.data, _convert_="all")
+    check_against_data(cfg, source.objective)
+    sampler: EpisodicSampler = instantiate(cfg.sampler, source=source)
+    model = instantiate(cfg.model, input_shape=source.input_shape, out_features=source.output_dim(sampler.ways))
+    algorithm: Algorithm = instantiate(cfg.algo, _convert_="all")
+    metadata = {
+        "version": __version__,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "choices": dict(choices or {}),
+    }
+    module = MetaLearner(model, algorithm, source.objective, metadata)
+    datamodule = TaskDataModule(
+        sampler,
+        seed=cfg.seed,
+        task_seed=cfg.eval.task_seed,
+        val_tasks=cfg.eval.val_tasks,
+        test_tasks=cfg.eval.num_tasks,
+        eval_batch_tasks=cfg.eval.batch_tasks,
+    )
+    return Experiment(source, sampler, algorithm, module, datamodule)
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path | None, experiment: Experiment, training: bool) -> pl.Trainer:
+    """A Lightning Trainer from `cfg.trainer`; loggers and checkpoints only when training."""
+    callbacks: list[pl.Callback] = []
+    loggers = False
+    if training:
+        objective = experiment.source.objective
+        callbacks.append(
+            RunCheckpoints(
+                run_dir / "checkpoints",
+                monitor=f"val/{objective.metric_name}",
+                mode=objective.mode,
+                every_n_steps=cfg.checkpoint.every_n_steps or 0,
+            )
+        )
+        loggers = [instantiate(conf) for conf in cfg.logger.values()] if cfg.get("logger") else False
+    overrides = dict(
+        logger=loggers,
+        callbacks=callbacks,
+        enable_checkpointing=False,  # RunCheckpoints writes the checkpoints (atomically)
+        inference_mode=False,  # evaluation adapts with gradients
+        default_root_dir=str(run_dir) if run_dir else None,
+    )
+    if not training:
+        overrides["enable_progress_bar"] = False
+    return instantiate(cfg.trainer, **overrides)

@@ -1,0 +1,97 @@
+"""Checkpoints of a run: `last.ckpt` every `every_n_steps` meta-iterations and at the end,
+`best.ckpt` whenever the validation metric improves. Each file is written to a temporary name
+and renamed, so an interrupted write never leaves a corrupt checkpoint behind."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+
+
+class RunCheckpoints(pl.Callback):
+    def __init__(self, dirpath: str | Path, monitor: str, mode: str, every_n_steps: int) -> None:
+        self.dirpath = Path(dirpath)
+        self.monitor = monitor
+        self.mode = mode
+        self.every_n_steps = every_n_steps
+        self.best_score: float | None = None
+        self.best_step: int | None = None
+        self._last_saved_step = -1
+
+    @property
+    def last_path(self) -> Path:
+        return self.dirpath / "last.ckpt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.dirpath / "best.ckpt"
+
+    def save(self, trainer: pl.Trainer, path: Path) -> None:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        trainer.save_checkpoint(tmp, weights_only=False)
+        if trainer.is_global_zero:
+            os.replace(tmp, path)
+
+    def save_last(self, trainer: pl.Trainer) -> None:
+        self.save(trainer, self.last_path)
+        self._last_saved_step = trainer.global_step
+
+    def _improved(self, score: float) -> bool:
+        if self.best_score is None:
+            return True
+        return score < self.best_score if self.mode == "min" else score > self.best_score
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
+            self.save_last(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        score = trainer.callback_metrics.get(self.monitor)
+        if score is not None and self._improved(float(score)):
+            self.best_score, self.best_step = float(score), trainer.global_step
+            self.save(trainer, self.best_path)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._last_saved_step != trainer.global_step:
+            self.save_last(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_score": self.best_score, "best_step": self.best_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best_score = state_dict.get("best_score")
+        self.best_step = state_dict.get("best_step")
+
+
+def read_checkpoint(path: str | os.PathLike, key: str) -> dict:
+    """Load a metalearn checkpoint on the CPU, or explain clearly why `path` is not one."""
+    import torch
+
+    from metalearn_cli.errors import MetalearnError
+    from metalearn_cli.module import CHECKPOINT_KEY
+
+    file = Path(str(path)).expanduser()
+    example = f"`{key}=outputs/<date>/<time>/checkpoints/last.ckpt`"
+    if not file.exists():
+        raise MetalearnError(f"`{key}` = {str(path)!r} does not exist. Pass a checkpoint written by `metalearn train`, e.g. {example}.")
+    if not file.is_file():
+        raise MetalearnError(f"`{key}` = {str(path)!r} is a folder, not a checkpoint file. Pass e.g. {example}.")
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise MetalearnError(
+            f"`{key}` = {str(path)!r} cannot be read as a checkpoint: it is truncated, corrupt or not a "
+            f"PyTorch file ({reason[:160]}). Use another checkpoint of the run, e.g. best.ckpt or last.ckpt."
+        ) from None
+    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint or "state_dict" not in checkpoint:
+        raise MetalearnError(
+            f"`{key}` = {str(path)!r} is not a metalearn checkpoint: it holds no run config under "
+            f"'{CHECKPOINT_KEY}'. Pass a checkpoint written by `metalearn train`, e.g. {example}."
+        )
+    return checkpoint

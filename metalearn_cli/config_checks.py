@@ -1,0 +1,89 @@
+"""Checks of a composed config, so bad input fails before any work with a message that names
+the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from metalearn_cli.algorithms.base import VECTORIZE_CHOICES
+from metalearn_cli.errors import MetalearnError
+from metalearn_cli.tasks import Objective
+
+
+def _value(cfg: DictConfig, key: str) -> Any:
+    return OmegaConf.select(cfg, key, default=None)
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise MetalearnError(f"invalid value for `{key}`: {value!r}. Allowed: {allowed}. Set it on the command line, e.g. `{key}=...`.")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def positive_int(cfg: DictConfig, key: str, meaning: str, optional: bool = False, minimum: int = 1) -> None:
+    value = _value(cfg, key)
+    if value is None and optional:
+        return
+    if not _is_int(value) or value < minimum:
+        _fail(key, value, f"an integer >= {minimum} ({meaning})")
+
+
+def positive_number(cfg: DictConfig, key: str, meaning: str, optional: bool = False) -> None:
+    value = _value(cfg, key)
+    if value is None and optional:
+        return
+    if not _is_number(value) or not value > 0 or value != value or value == float("inf"):
+        _fail(key, value, f"a finite number > 0 ({meaning})")
+
+
+def one_of(cfg: DictConfig, key: str, choices: tuple[str, ...]) -> None:
+    value = _value(cfg, key)
+    if value not in choices:
+        _fail(key, value, "one of " + ", ".join(choices))
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Checks that need only the config (run before anything is built)."""
+    positive_int(cfg, "seed", "the seed of model initialisation and task sampling", minimum=0)
+    positive_int(cfg, "sampler.shots", "labelled support examples per class, or per task for regression")
+    positive_int(cfg, "sampler.queries", "query examples per class, or per task for regression", optional=True)
+    positive_int(cfg, "sampler.train_shots", "support examples per class in meta-training tasks", optional=True)
+    positive_int(cfg, "sampler.meta_batch_size", "tasks per meta-iteration")
+    positive_int(cfg, "sampler.ways", "classes per task", optional=True, minimum=2)
+    positive_number(cfg, "algo.inner_lr", "the inner-loop learning rate")
+    positive_number(cfg, "algo.eval_inner_lr", "the learning rate of adaptation at validation and test", optional=True)
+    positive_number(cfg, "algo.outer_lr", "the meta-optimizer's learning rate")
+    positive_int(cfg, "algo.inner_steps", "inner-loop steps per task in meta-training")
+    positive_int(cfg, "algo.eval_inner_steps", "adaptation steps at validation and test")
+    one_of(cfg, "algo.vectorize", VECTORIZE_CHOICES)
+    for key in ("algo.inner_optimizer", "algo.eval_inner_optimizer"):
+        if _value(cfg, key) is not None:
+            one_of(cfg, key, ("sgd", "adam"))
+    positive_int(cfg, "algo.inner_batch_size", "support examples per inner step", optional=True)
+    positive_int(cfg, "trainer.max_steps", "meta-iterations to train")
+    positive_int(cfg, "eval.num_tasks", "test tasks to score")
+    positive_int(cfg, "eval.val_tasks", "validation tasks to score")
+    positive_int(cfg, "eval.batch_tasks", "tasks evaluated together")
+    positive_int(cfg, "eval.task_seed", "the seed that fixes validation and test tasks", minimum=0)
+    positive_int(cfg, "checkpoint.every_n_steps", "meta-iterations between saves of last.ckpt", optional=True, minimum=0)
+
+
+def check_against_data(cfg: DictConfig, objective: Objective) -> None:
+    """Checks that depend on the kind of task (classification needs ways and queries)."""
+    if objective.name == "classification":
+        for key, meaning in (("sampler.ways", "classes per task"), ("sampler.queries", "query examples per class")):
+            if _value(cfg, key) is None:
+                raise MetalearnError(
+                    f"`{key}` is missing: classification tasks need {meaning}. "
+                    f"Set it on the command line, e.g. `{key}=5`."
+                )
+    elif _value(cfg, "sampler.queries") is None:
+        raise MetalearnError("`sampler.queries` is missing: each task needs query points to be scored. Set e.g. `sampler.queries=10`.")

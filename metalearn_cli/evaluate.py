@@ -1,0 +1,125 @@
+"""`metalearn eval ckpt=PATH`: rebuild a run from the config saved in its checkpoint, score it on
+fixed test tasks (mean and 95% CI after each inner step), print a table and write eval.json into
+the run folder.
+
+Only evaluation settings may differ from training (see EVAL_KEYS); asking for a different model,
+data set or algorithm is reported as a conflict instead of failing inside load_state_dict.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
+
+from metalearn_cli.build import build_experiment, build_trainer
+from metalearn_cli.console import quiet_third_party
+from metalearn_cli.checkpointing import read_checkpoint
+from metalearn_cli.errors import MetalearnError, exits_cleanly
+from metalearn_cli.module import CHECKPOINT_KEY
+from metalearn_cli.run_folder import register_resolvers, run_dir_of_checkpoint, write_json_atomic
+from metalearn_cli.stats import format_table
+from metalearn_cli.summary import describe_result, run_summary
+
+#: keys (or key prefixes ending in '.') that `metalearn eval` may set differently from training
+EVAL_KEYS = (
+    "eval.",
+    "sampler.shots",
+    "sampler.queries",
+    "sampler.ways",
+    "algo.eval_inner_steps",
+    "algo.eval_inner_lr",
+    "algo.eval_inner_optimizer",
+    "algo.vectorize",
+    "trainer.accelerator",
+    "trainer.devices",
+    "trainer.precision",
+    "data.root",
+    "data.cache_dir",
+    "data.download",
+)
+#: taken from the eval command even when not overridden, so `metalearn eval` scores 600 tasks by default
+EVAL_DEFAULTS = ("eval.num_tasks", "eval.batch_tasks")
+
+
+def _allowed(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in EVAL_KEYS)
+
+
+def merge_eval_overrides(saved: DictConfig, composed: DictConfig, overrides: list[str], saved_choices: dict) -> DictConfig:
+    """The training config of the checkpoint with the user's evaluation overrides applied."""
+    merged = OmegaConf.create(OmegaConf.to_container(saved, resolve=True))
+    for key in EVAL_DEFAULTS:
+        OmegaConf.update(merged, key, OmegaConf.select(composed, key), force_add=True)
+    allowed = ", ".join(k + ("*" if k.endswith(".") else "") for k in EVAL_KEYS)
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group
+        if key == "ckpt" or key.startswith("hydra"):
+            continue
+        if key in saved_choices:  # a config group such as algo=..., data=...
+            wanted = override.value()
+            if wanted != saved_choices[key]:
+                raise MetalearnError(
+                    f"the checkpoint was trained with `{key}={saved_choices[key]}`; it cannot be evaluated with "
+                    f"`{key}={wanted}`. Drop that override: the model, data and algorithm come from the checkpoint."
+                )
+            continue
+        value = OmegaConf.select(composed, key, default=None)
+        before = OmegaConf.select(merged, key, default=None)
+        if _allowed(key):
+            OmegaConf.update(merged, key, value, force_add=True)
+        elif _plain(value) != _plain(before):
+            raise MetalearnError(
+                f"`{key}` cannot be changed at evaluation: the checkpoint was trained with {key}={_plain(before)!r} "
+                f"and you asked for {_plain(value)!r}. Keys that can be changed at evaluation: {allowed}."
+            )
+    return merged
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    quiet_third_party()
+    if OmegaConf.is_missing(cfg, "ckpt") or not cfg.ckpt:
+        raise MetalearnError("`ckpt` is missing: name the checkpoint to score, e.g. `metalearn eval ckpt=outputs/<date>/<time>/checkpoints/last.ckpt`.")
+    checkpoint = read_checkpoint(cfg.ckpt, "ckpt")
+    record = checkpoint[CHECKPOINT_KEY]
+    saved = OmegaConf.create(record["config"])
+    choices = dict(record.get("choices", {}))
+    run_cfg = merge_eval_overrides(saved, cfg, list(HydraConfig.get().overrides.task), choices)
+    experiment = build_experiment(run_cfg, choices)
+    try:
+        experiment.module.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:
+        detail = " ".join(str(error).split())[:300]
+        raise MetalearnError(
+            f"the weights in `ckpt` = {cfg.ckpt!r} do not fit the model built from its config with your overrides "
+            f"({detail}). Evaluate with the training run's sampler.ways and model settings."
+        ) from None
+    trainer = build_trainer(run_cfg, None, experiment, training=False)
+    trainer.test(experiment.module, datamodule=experiment.datamodule, verbose=False)
+    summary = run_summary(experiment, run_cfg, choices, ckpt=cfg.ckpt, split="test")
+    if trainer.is_global_zero:
+        out = run_dir_of_checkpoint(cfg.ckpt) / "eval.json"
+        write_json_atomic(out, summary)
+        print(format_table(summary))
+        print(f"{describe_result(summary)} | wrote {out}")
+    return summary
+
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path="pkg://metalearn_cli.configs", config_name="eval")
+@exits_cleanly
+def main(cfg: DictConfig) -> dict:
+    return evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

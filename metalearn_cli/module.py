@@ -1,0 +1,106 @@
+"""The Lightning module: one training step is one meta-iteration; validation and test adapt
+to fixed tasks and report the metric after each inner step with a 95% confidence interval."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from metalearn_cli.algorithms.base import Algorithm, FunctionalModel
+from metalearn_cli.errors import MetalearnError
+from metalearn_cli.stats import summarize
+from metalearn_cli.tasks import Objective, TaskBatch
+
+#: key under which a metalearn checkpoint keeps the run's config (how `eval` rebuilds the run)
+CHECKPOINT_KEY = "metalearn"
+
+
+class NonFiniteLoss(MetalearnError):
+    pass
+
+
+class MetaLearner(pl.LightningModule):
+    def __init__(self, model: nn.Module, algorithm: Algorithm, objective: Objective, metadata: dict) -> None:
+        super().__init__()
+        self.model = model
+        self.algorithm = algorithm
+        self.objective = objective
+        self.fmodel = FunctionalModel(self.model, objective)
+        self.metadata = metadata
+        self.automatic_optimization = False  # Reptile's update is not a loss; MAML's is one backward
+        self._scores: dict[str, list[torch.Tensor]] = {"val": [], "test": []}
+        self.summaries: dict[str, dict] = {}
+
+    # -- optimisation ------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        return self.algorithm.configure_optimizers(self.model.parameters(), self.trainer.max_steps)
+
+    def training_step(self, batch: TaskBatch, batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        step = self.algorithm.meta_step(self.fmodel, batch)
+        optimizer.zero_grad(set_to_none=True)
+        if step.loss is not None:
+            self._check_finite(step.loss)
+            self.manual_backward(step.loss)
+        else:
+            for name, parameter in self.model.named_parameters():
+                parameter.grad = step.direction[name].to(parameter.dtype)
+            self._check_finite(step.metrics["loss"])
+        optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        self.log_dict({f"train/{k}": v for k, v in step.metrics.items()}, prog_bar=True, batch_size=batch.num_tasks)
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        if not math.isfinite(loss.item()):
+            raise NonFiniteLoss(
+                f"the meta-training loss became {loss.item()} at meta-iteration {self.global_step}. "
+                f"This usually means a learning rate is too large (algo.inner_lr={self.algorithm.inner_lr}, "
+                f"algo.outer_lr={self.algorithm.outer_lr}); lower it and train again. "
+                "The checkpoints already written in the run folder are kept."
+            )
+
+    # -- evaluation -------------------------------------------------------------------------
+    def _eval_step(self, split: str, batch: TaskBatch) -> None:
+        self._scores[split].append(self.algorithm.evaluate(self.fmodel, batch))
+
+    def _eval_end(self, split: str) -> dict:
+        scores = torch.cat(self._scores[split])
+        self._scores[split] = []
+        scores = self.all_gather(scores)
+        if scores.dim() == 3:  # [world, n, steps+1] under a distributed strategy
+            scores = scores.flatten(0, 1)
+        summary = summarize(scores.cpu(), self.objective.metric_name)
+        self.summaries[split] = summary
+        name = self.objective.metric_name
+        self.log_dict(
+            {
+                f"{split}/{name}": summary["mean"],
+                f"{split}/{name}_ci95": summary["ci95"],
+                f"{split}/{name}_step0": summary["per_step"][0]["mean"],
+            },
+            sync_dist=False,
+            rank_zero_only=True,
+        )
+        return summary
+
+    def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end("val")
+
+    def test_step(self, batch: TaskBatch, batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test")
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[CHECKPOINT_KEY] = self.metadata

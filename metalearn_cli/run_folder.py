@@ -1,0 +1,89 @@
+"""The run folder: where a run's files go, and how they are written without losing anything."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from metalearn_cli.errors import MetalearnError, report
+
+
+def run_dir_of_checkpoint(ckpt: str | os.PathLike) -> Path:
+    """`<run>/checkpoints/last.ckpt` -> `<run>`; a checkpoint elsewhere -> its own folder."""
+    path = Path(ckpt).expanduser().absolute()
+    parent = path.parent
+    return parent.parent if parent.name == "checkpoints" else parent
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary file in the same folder, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def ensure_writable(folder: Path, key: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise MetalearnError(
+            f"the output folder `{key}` = {str(folder)!r} cannot be written ({error.strerror or error}). "
+            f"Choose a folder you can write to, e.g. `{key}=outputs/my_run`."
+        ) from None
+
+
+class RunFolderGuard(Callback):
+    """Hydra callback that checks the output folder before Hydra writes anything into it.
+
+    A training run never reuses a folder that already holds a run (`.hydra/config.yaml`),
+    so an explicit `hydra.run.dir=` can not overwrite an earlier run's config or checkpoints.
+    """
+
+    def __init__(self, refuse_existing_run: bool = True) -> None:
+        self.refuse_existing_run = refuse_existing_run
+
+    def _check(self, folder: str, key: str, is_run: bool) -> None:
+        path = Path(folder).expanduser().absolute()
+        try:
+            if is_run and self.refuse_existing_run and (path / ".hydra" / "config.yaml").exists():
+                raise MetalearnError(
+                    f"`{key}` = {str(path)!r} already holds a run; metalearn never overwrites one. "
+                    "Leave hydra.run.dir unset for a fresh dated folder, or name a new folder. "
+                    "To continue that run, pass `ckpt_path=<run>/checkpoints/last.ckpt` (it continues in a new folder)."
+                )
+            ensure_writable(path, key)
+        except MetalearnError as error:
+            report(error)
+            sys.exit(2)
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(OmegaConf.select(config, "hydra.run.dir"), "hydra.run.dir", is_run=True)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(OmegaConf.select(config, "hydra.sweep.dir"), "hydra.sweep.dir", is_run=False)
+
+
+def register_resolvers() -> None:
+    """`${metalearn_run_dir:<ckpt>}`: the run folder of a checkpoint (where eval writes eval.json)."""
+    OmegaConf.register_new_resolver(
+        "metalearn_run_dir",
+        lambda ckpt: str(run_dir_of_checkpoint(ckpt)) if ckpt else "outputs/eval",
+        replace=True,
+    )

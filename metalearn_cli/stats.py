@@ -1,0 +1,43 @@
+"""Summaries of per-task scores: mean and 95% confidence interval after each inner step."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
+    """Mean and half-width of the normal 95% interval, 1.96 * s / sqrt(n) (s: sample std)."""
+    values = values.double().flatten()
+    n = values.numel()
+    mean = values.mean().item()
+    if n < 2:
+        return mean, float("nan")
+    return mean, 1.96 * values.std(unbiased=True).item() / math.sqrt(n)
+
+
+def summarize(scores: torch.Tensor, metric: str) -> dict:
+    """scores: [num_tasks, steps + 1], column k = metric after k inner steps."""
+    per_step = []
+    for step in range(scores.shape[1]):
+        mean, ci = mean_ci95(scores[:, step])
+        per_step.append({"step": step, "mean": mean, "ci95": ci})
+    return {
+        "metric": metric,
+        "mean": per_step[-1]["mean"],
+        "ci95": per_step[-1]["ci95"],
+        "num_tasks": int(scores.shape[0]),
+        "inner_steps": int(scores.shape[1] - 1),
+        "per_step": per_step,
+    }
+
+
+def format_table(summary: dict) -> str:
+    """The per-step table printed by `metalearn eval` and at the end of training."""
+    metric = summary["metric"]
+    scale, unit = (100.0, "%") if metric == "acc" else (1.0, "")
+    lines = [f"{'step':>4}  {metric + unit:>10}  {'± 95% CI':>10}"]
+    for row in summary["per_step"]:
+        lines.append(f"{row['step']:>4}  {row['mean'] * scale:>10.4f}  {row['ci95'] * scale:>10.4f}")
+    return "\n".join(lines)

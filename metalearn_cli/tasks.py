@@ -1,0 +1,64 @@
+"""What a few-shot task is: a support set to adapt on and a query set to score, plus the objective."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class TaskBatch:
+    """A batch of T tasks. Every tensor has the task dimension first.
+
+    support_x: [T, S, *input_shape]   support_y: [T, S] (class index) or [T, S, out]
+    query_x:   [T, Q, *input_shape]   query_y:   [T, Q] or [T, Q, out]
+    seed: an integer drawn with the batch, for algorithms that need their own randomness
+          (Reptile's inner mini-batches), so a step is a pure function of the batch.
+    """
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+    seed: int = 0
+
+    @property
+    def num_tasks(self) -> int:
+        return self.support_x.shape[0]
+
+    def to(self, device: torch.device | str) -> "TaskBatch":
+        return TaskBatch(*(t.to(device, non_blocking=True) for t in self.tensors()), seed=self.seed)
+
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.support_x, self.support_y, self.query_x, self.query_y
+
+    def slice(self, start: int, stop: int) -> "TaskBatch":
+        return TaskBatch(*(t[start:stop] for t in self.tensors()), seed=self.seed)
+
+    @staticmethod
+    def cat(batches: list["TaskBatch"]) -> "TaskBatch":
+        parts = [torch.cat([getattr(b, f.name) for b in batches]) for f in fields(TaskBatch) if f.name != "seed"]
+        return TaskBatch(*parts, seed=batches[0].seed)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The loss adapted on and the metric reported, with the direction in which the metric improves."""
+
+    name: str  # "regression" or "classification"
+    loss: Callable[[Tensor, Tensor], Tensor]
+    metric: Callable[[Tensor, Tensor], Tensor]
+    metric_name: str
+    mode: str  # "min" or "max": which way is better
+
+
+def _accuracy(logits: Tensor, labels: Tensor) -> Tensor:
+    return (logits.argmax(dim=-1) == labels).to(logits.dtype).mean()
+
+
+REGRESSION = Objective("regression", F.mse_loss, F.mse_loss, "mse", "min")
+CLASSIFICATION = Objective("classification", F.cross_entropy, _accuracy, "acc", "max")

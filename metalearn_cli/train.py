@@ -1,0 +1,57 @@
+"""`metalearn train`: compose the config, meta-train, checkpoint, and score the best model on the
+fixed test tasks. Returns the best validation metric (what Hydra sweepers optimise)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from metalearn_cli.build import build_experiment, build_trainer
+from metalearn_cli.console import quiet_third_party
+from metalearn_cli.checkpointing import RunCheckpoints, read_checkpoint
+from metalearn_cli.errors import exits_cleanly
+from metalearn_cli.run_folder import write_json_atomic
+from metalearn_cli.stats import format_table
+from metalearn_cli.summary import describe_result, run_summary
+
+
+def group_choices() -> dict:
+    choices = HydraConfig.get().runtime.choices
+    return {k: v for k, v in choices.items() if not k.startswith("hydra")}
+
+
+def train(cfg: DictConfig) -> float | None:
+    quiet_third_party()
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.ckpt_path is not None:
+        read_checkpoint(cfg.ckpt_path, "ckpt_path")
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    choices = group_choices()
+    experiment = build_experiment(cfg, choices)
+    trainer = build_trainer(cfg, run_dir, experiment, training=True)
+    trainer.fit(experiment.module, datamodule=experiment.datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+
+    checkpoints = next(cb for cb in trainer.callbacks if isinstance(cb, RunCheckpoints))
+    best = checkpoints.best_path if checkpoints.best_path.exists() else checkpoints.last_path
+    trainer.test(experiment.module, datamodule=experiment.datamodule, ckpt_path=str(best), verbose=False, weights_only=True)
+    if not trainer.is_global_zero:
+        return checkpoints.best_score
+    summary = run_summary(experiment, cfg, choices, ckpt=best, split="test")
+    write_json_atomic(run_dir / "test.json", summary)
+    print(format_table(summary))
+    print(f"{describe_result(summary)} | run folder: {run_dir}")
+    return checkpoints.best_score
+
+
+@hydra.main(version_base="1.3", config_path="pkg://metalearn_cli.configs", config_name="train")
+@exits_cleanly
+def main(cfg: DictConfig) -> float | None:
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()

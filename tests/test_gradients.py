@@ -1,0 +1,195 @@
+"""Meta-gradients against independent computations (float64, tiny models)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from metalearn_cli.algorithms import MAML, FunctionalModel, Reptile
+from metalearn_cli.data.sinusoid import Sinusoid
+from metalearn_cli.models import MLP
+from metalearn_cli.tasks import REGRESSION, TaskBatch
+
+INNER_LR = 0.05
+
+
+@pytest.fixture
+def setup():
+    torch.manual_seed(0)
+    model = MLP((1,), 1, hidden=(6, 5)).double()
+    tasks = Sinusoid().sample("train", torch.Generator().manual_seed(3), 3, None, 5, 4)
+    tasks = TaskBatch(*(t.double() for t in tasks.tensors()), seed=7)
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    theta = torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    def unflatten(vector):
+        out, i = {}, 0
+        for name, shape in zip(names, shapes):
+            out[name] = vector[i : i + shape.numel()].view(shape)
+            i += shape.numel()
+        return out
+
+    def loss(vector, x, y):  # plain autograd, no torch.func transforms
+        return F.mse_loss(functional_call(model, unflatten(vector), (x,)), y)
+
+    return model, tasks, theta, unflatten, loss
+
+
+def meta_gradient(model, tasks, **kwargs) -> torch.Tensor:
+    algo = MAML(inner_lr=INNER_LR, eval_inner_steps=1, outer_lr=1e-3, **kwargs)
+    model.zero_grad()
+    algo.meta_step(FunctionalModel(model, REGRESSION), tasks).loss.backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("vectorize", ["vmap", "loop"])
+def test_maml_gradient_matches_finite_differences(setup, vectorize):
+    model, tasks, theta, _, loss = setup
+    steps = 2
+
+    def meta_objective(vector):
+        total = 0.0
+        for i in range(tasks.num_tasks):
+            w = vector.clone().requires_grad_(True)
+            with torch.enable_grad():
+                for _ in range(steps):
+                    g = torch.autograd.grad(loss(w, tasks.support_x[i], tasks.support_y[i]), w, create_graph=True)[0]
+                    w = w - INNER_LR * g
+                total = total + loss(w, tasks.query_x[i], tasks.query_y[i]).item()
+        return total / tasks.num_tasks
+
+    eps = 1e-6
+    numeric = torch.zeros_like(theta)
+    for j in range(theta.numel()):
+        e = torch.zeros_like(theta)
+        e[j] = eps
+        numeric[j] = (meta_objective(theta + e) - meta_objective(theta - e)) / (2 * eps)
+    ours = meta_gradient(model, tasks, inner_steps=steps, vectorize=vectorize)
+    assert numeric.abs().max() > 1e-3  # the check is not vacuous
+    torch.testing.assert_close(ours, numeric, rtol=1e-6, atol=1e-8)
+
+
+def _explicit_terms(setup):
+    """One inner step: MAML grad = mean_i (I - a H_s,i(theta)) g_q,i(theta'_i); FO drops the H term."""
+    model, tasks, theta, _, loss = setup
+    first, second = torch.zeros_like(theta), torch.zeros_like(theta)
+    for i in range(tasks.num_tasks):
+        xs, ys, xq, yq = (t[i] for t in tasks.tensors())
+        w = theta.clone().requires_grad_(True)
+        g_s = torch.autograd.grad(loss(w, xs, ys), w)[0]
+        adapted = (theta - INNER_LR * g_s).requires_grad_(True)
+        g_q = torch.autograd.grad(loss(adapted, xq, yq), adapted)[0]
+        hessian = torch.autograd.functional.hessian(lambda v: loss(v, xs, ys), theta)
+        first += g_q
+        second += -INNER_LR * hessian @ g_q
+    n = tasks.num_tasks
+    return first / n, second / n
+
+
+@pytest.mark.parametrize("vectorize", ["vmap", "loop"])
+def test_maml_gradient_matches_hessian_formula(setup, vectorize):
+    model, tasks, *_ = setup
+    first, second = _explicit_terms(setup)
+    assert second.abs().max() > 1e-6  # the second-order term is really there
+    torch.testing.assert_close(meta_gradient(model, tasks, inner_steps=1, vectorize=vectorize), first + second)
+
+
+@pytest.mark.parametrize("vectorize", ["vmap", "loop"])
+def test_fomaml_drops_exactly_the_second_order_term(setup, vectorize):
+    model, tasks, *_ = setup
+    first, second = _explicit_terms(setup)
+    full = meta_gradient(model, tasks, inner_steps=1, vectorize=vectorize)
+    fo = meta_gradient(model, tasks, inner_steps=1, vectorize=vectorize, first_order=True)
+    torch.testing.assert_close(fo, first)
+    torch.testing.assert_close(full - fo, second)
+
+
+def test_maml_does_not_modify_the_model(setup):
+    model, tasks, *_ = setup
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    MAML(inner_lr=INNER_LR, inner_steps=3, eval_inner_steps=1, outer_lr=1e-3).meta_step(FunctionalModel(model, REGRESSION), tasks)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def _reptile_reference(model, tasks, theta, loss, optimizer_cls, optimizer_kwargs, steps, epsilon):
+    """theta + epsilon * mean_i(theta~_i - theta), with theta~_i from torch.optim on the support set."""
+    adapted = []
+    for i in range(tasks.num_tasks):
+        w = theta.clone().requires_grad_(True)
+        opt = optimizer_cls([w], **optimizer_kwargs)
+        for _ in range(steps):
+            opt.zero_grad()
+            loss(w, tasks.support_x[i], tasks.support_y[i]).backward()
+            opt.step()
+        adapted.append(w.detach())
+    return theta + epsilon * (torch.stack(adapted).mean(0) - theta)
+
+
+@pytest.mark.parametrize(
+    "inner, reference",
+    [
+        ("sgd", (torch.optim.SGD, {"lr": 0.02})),
+        ("adam", (torch.optim.Adam, {"lr": 0.02, "betas": (0.0, 0.999)})),
+    ],
+)
+@pytest.mark.parametrize("vectorize", ["vmap", "loop"])
+def test_one_reptile_step_equals_the_formula(setup, inner, reference, vectorize):
+    model, tasks, theta, _, loss = setup
+    epsilon, steps = 0.7, 4
+    algo = Reptile(
+        inner_lr=0.02, inner_steps=steps, eval_inner_steps=1, outer_lr=epsilon,
+        inner_optimizer=inner, vectorize=vectorize,
+    )
+    config = algo.configure_optimizers(model.parameters(), max_steps=100)
+    step = algo.meta_step(FunctionalModel(model, REGRESSION), tasks)
+    for name, p in model.named_parameters():
+        p.grad = step.direction[name]
+    config["optimizer"].step()
+    ours = torch.cat([p.detach().flatten() for p in model.parameters()])
+    expected = _reptile_reference(model, tasks, theta, loss, *reference, steps, epsilon)
+    assert (expected - theta).abs().max() > 1e-4
+    torch.testing.assert_close(ours, expected)
+
+
+def test_reptile_meta_step_size_is_annealed_linearly(setup):
+    model, *_ = setup
+    algo = Reptile(inner_lr=0.1, inner_steps=1, eval_inner_steps=1, outer_lr=1.0, outer_lr_final=0.2)
+    config = algo.configure_optimizers(model.parameters(), max_steps=10)
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    rates = []
+    for _ in range(11):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    torch.testing.assert_close(torch.tensor(rates, dtype=torch.float64), torch.linspace(1.0, 0.2, 11, dtype=torch.float64))
+
+
+def test_reptile_minibatches_cover_the_support_set_each_epoch(setup):
+    _, tasks, *_ = setup
+    algo = Reptile(inner_lr=0.1, inner_steps=5, eval_inner_steps=1, outer_lr=1.0, inner_batch_size=2)
+    index = algo._batch_indices(tasks)  # 5 support points, batches of 2, 5 steps = 2 epochs
+    assert index.shape == (tasks.num_tasks, 5, 2)
+    first_epoch = index.flatten(1)[:, :5]
+    assert all(sorted(row.tolist()) == [0, 1, 2, 3, 4] for row in first_epoch)
+
+
+@pytest.mark.parametrize("vectorize", ["vmap", "loop"])
+def test_evaluation_scores_match_manual_sgd(setup, vectorize):
+    model, tasks, theta, unflatten, loss = setup
+    algo = MAML(inner_lr=INNER_LR, inner_steps=1, eval_inner_steps=3, outer_lr=1e-3, vectorize=vectorize)
+    with torch.no_grad():  # as in Lightning's validation loop: adaptation must still work
+        scores = algo.evaluate(FunctionalModel(model, REGRESSION), tasks)
+    assert scores.shape == (tasks.num_tasks, 4)
+    for i in range(tasks.num_tasks):
+        xs, ys, xq, yq = (t[i] for t in tasks.tensors())
+        w = theta.clone()
+        expected = [loss(w, xq, yq).item()]
+        for _ in range(3):
+            w.requires_grad_(True)
+            with torch.enable_grad():
+                g = torch.autograd.grad(loss(w, xs, ys), w)[0]
+            w = (w - INNER_LR * g).detach()
+            expected.append(loss(w, xq, yq).item())
+        torch.testing.assert_close(scores[i], torch.tensor(expected, dtype=scores.dtype))
