@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import textwrap
 from typing import Any, Callable
 
 
@@ -14,7 +13,7 @@ class MetalearnError(Exception):
 
 def report(error: BaseException) -> None:
     message = str(error).strip()
-    print(textwrap.fill(f"Error: {message}", width=100, break_long_words=False, break_on_hyphens=False), file=sys.stderr)
+    print(f"Error: {message}", file=sys.stderr)
 
 
 def exits_cleanly(task: Callable[..., Any]) -> Callable[..., Any]:

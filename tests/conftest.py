@@ -9,6 +9,7 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
 
 REPO = Path(__file__).resolve().parents[1]
 OMNIGLOT = REPO.parent / "shared" / "datasets" / "omniglot"
@@ -20,6 +21,7 @@ FAST = [
     "eval.num_tasks=8",
     "eval.val_tasks=8",
     "checkpoint.every_n_steps=2",
+    "trainer.log_every_n_steps=1",
 ]
 
 
@@ -61,6 +63,8 @@ def compose_cfg():
         with initialize_config_module(version_base="1.3", config_module="metalearn_cli.configs"):
             cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
         HydraConfig().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]  # as in a real run: the task config has no hydra node
         return cfg
 
     yield _compose

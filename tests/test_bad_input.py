@@ -1,0 +1,114 @@
+"""Every bad input gets a clear message naming the key and value, a non-zero exit, no traceback,
+and nothing already written is lost."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FAST
+
+
+def assert_clean_error(proc, *needles: str) -> str:
+    err = proc.stderr + proc.stdout
+    assert proc.returncode != 0, err
+    assert "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, f"{needle!r} not in:\n{err}"
+    return err
+
+
+@pytest.mark.parametrize(
+    "override, needles",
+    [
+        ("algo=foo", ["algo/foo", "maml", "reptile"]),
+        ("data=imagenet1k", ["data/imagenet1k", "sinusoid"]),
+        ("sampler.shots=0", ["sampler.shots", "0", "integer >= 1"]),
+        ("sampler.shots=-3", ["sampler.shots", "-3"]),
+        ("sampler.shots=abc", ["sampler.shots", "'abc'"]),
+        ("sampler.queries=0", ["sampler.queries"]),
+        ("sampler.meta_batch_size=0", ["sampler.meta_batch_size"]),
+        ("algo.inner_steps=0", ["algo.inner_steps", "0"]),
+        ("algo.eval_inner_steps=-1", ["algo.eval_inner_steps", "-1"]),
+        ("trainer.max_steps=0", ["trainer.max_steps", "0"]),
+        ("algo.inner_lr=0", ["algo.inner_lr", "number > 0"]),
+        ("algo.inner_lr=-0.1", ["algo.inner_lr", "-0.1"]),
+        ("algo.outer_lr=-1", ["algo.outer_lr", "-1"]),
+        ("algo.vectorize=gpu", ["algo.vectorize", "vmap", "loop"]),
+        ("sampler.queries=null", ["sampler.queries", "missing"]),
+        ("algo.no_such_key=1", ["algo.no_such_key"]),
+    ],
+)
+def test_bad_training_input(run_cli, tmp_path, override, needles):
+    proc = run_cli("train", *FAST, override)
+    assert_clean_error(proc, *needles)
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_unknown_command(run_cli):
+    assert_clean_error(run_cli("fit"), "unknown command", "train", "eval")
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One short training run shared by the eval tests (its files must never be altered)."""
+    import subprocess
+
+    from conftest import metalearn_executable
+
+    root = tmp_path_factory.mktemp("trained")
+    subprocess.run([metalearn_executable(), "train", *FAST, "hydra.run.dir=run"], cwd=root, check=True,
+                   capture_output=True, timeout=300)
+    return root / "run"
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_bad_checkpoints(run_cli, tmp_path, trained_run):
+    before = _snapshot(trained_run)
+    assert_clean_error(run_cli("eval"), "ckpt", "missing")
+    assert_clean_error(run_cli("eval", f"ckpt={tmp_path}/nope.ckpt"), "ckpt", "nope.ckpt", "does not exist")
+    assert_clean_error(run_cli("eval", f"ckpt={tmp_path}"), "ckpt", "folder")
+
+    not_ours = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {}, "epoch": 3}, not_ours)
+    assert_clean_error(run_cli("eval", f"ckpt={not_ours}"), "other.ckpt", "not a metalearn checkpoint")
+
+    text = tmp_path / "notes.ckpt"
+    text.write_text("hello")
+    assert_clean_error(run_cli("eval", f"ckpt={text}"), "notes.ckpt", "cannot be read")
+
+    truncated = tmp_path / "truncated.ckpt"
+    data = (trained_run / "checkpoints" / "last.ckpt").read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    assert_clean_error(run_cli("eval", f"ckpt={truncated}"), "truncated.ckpt", "truncated")
+    assert_clean_error(run_cli("train", *FAST, f"ckpt_path={truncated}"), "ckpt_path", "truncated")
+    assert _snapshot(trained_run) == before
+
+
+def test_eval_overrides_that_conflict_with_the_checkpoint(run_cli, trained_run):
+    before = _snapshot(trained_run)
+    ckpt = f"ckpt={trained_run}/checkpoints/last.ckpt"
+    assert_clean_error(run_cli("eval", ckpt, "model.hidden=[80,80]"), "model.hidden", "[40, 40]", "[80, 80]")
+    assert_clean_error(run_cli("eval", ckpt, "algo=reptile"), "algo=maml", "algo=reptile")
+    assert_clean_error(run_cli("eval", ckpt, "eval.num_tasks=0"), "eval.num_tasks")
+    assert _snapshot(trained_run) == before
+
+
+def test_output_folder_that_cannot_be_written(run_cli, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    proc = run_cli("train", *FAST, f"hydra.run.dir={blocker}/run")
+    assert_clean_error(proc, "hydra.run.dir", "cannot be written")
+    assert blocker.read_text() == "not a folder"
+    proc = run_cli("train", "-m", *FAST, f"hydra.sweep.dir={blocker}/sweep")
+    assert_clean_error(proc, "hydra.sweep.dir", "cannot be written")
+
+
+def test_an_existing_run_is_never_overwritten(run_cli, tmp_path, trained_run):
+    before = _snapshot(trained_run)
+    proc = run_cli("train", *FAST, f"hydra.run.dir={trained_run}")
+    assert_clean_error(proc, "hydra.run.dir", "already holds a run")
+    assert _snapshot(trained_run) == before

@@ -1,0 +1,103 @@
+"""The installed `metalearn` command, run in a subprocess from a temporary directory."""
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from conftest import FAST
+
+
+def run_folders(root: Path) -> list[Path]:
+    return sorted(p.parent.parent for p in root.rglob(".hydra/config.yaml"))
+
+
+def test_help_lists_config_groups_and_options(run_cli):
+    out = run_cli("train", "--help", check=True).stdout
+    assert "algo: finetune, fomaml, maml, reptile" in out
+    assert "data: sinusoid" in out and "logger: csv, tensorboard" in out
+    assert "usage: metalearn" in run_cli("--help", check=True).stdout
+
+
+def test_cfg_job_prints_the_composed_config_and_runs_nothing(run_cli, tmp_path):
+    proc = run_cli("train", "algo=reptile", "sampler.shots=3", "--cfg", "job", check=True)
+    cfg = yaml.safe_load(proc.stdout)
+    assert cfg["algo"]["_target_"].endswith("Reptile") and cfg["sampler"]["shots"] == 3
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_configs_are_found_from_any_directory(run_cli, tmp_path):
+    out = run_cli("train", "--info", "searchpath", check=True).stdout
+    assert "pkg://metalearn_cli.configs" in out
+
+
+def test_train_then_eval(run_cli, tmp_path):
+    proc = run_cli("train", *FAST, check=True)
+    [run] = run_folders(tmp_path / "outputs")
+    assert run.parent.parent.name == "outputs"  # outputs/<date>/<time>
+    last_line = proc.stdout.strip().splitlines()[-1]
+    assert last_line.startswith("test mse after 10 steps") and str(run) in last_line
+
+    assert (run / ".hydra" / "overrides.yaml").exists()
+    for name in ("last.ckpt", "best.ckpt"):
+        ckpt = torch.load(run / "checkpoints" / name, map_location="cpu", weights_only=True)
+        assert ckpt["metalearn"]["config"]["sampler"]["shots"] == 10
+        assert ckpt["optimizer_states"], "checkpoints keep the optimizer state (for resume)"
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train/loss", "val/mse", "val/mse_ci95", "test/mse"} <= set(header)
+    test = json.loads((run / "test.json").read_text())
+    assert test["num_tasks"] == 8 and len(test["per_step"]) == 11
+
+    proc = run_cli("eval", f"ckpt={run}/checkpoints/last.ckpt", "algo.eval_inner_steps=3",
+                   "eval.num_tasks=12", "sampler.shots=5", check=True)
+    report = json.loads((run / "eval.json").read_text())
+    for key in ("metric", "mean", "ci95", "num_tasks", "inner_steps", "per_step", "ckpt", "algo", "data"):
+        assert key in report
+    assert report["metric"] == "mse" and report["algo"] == "maml" and report["data"] == "sinusoid"
+    assert report["num_tasks"] == 12 and report["inner_steps"] == 3 and report["shots"] == 5
+    assert [row["step"] for row in report["per_step"]] == [0, 1, 2, 3]
+    assert report["mean"] == report["per_step"][-1]["mean"] and report["ci95"] > 0
+    assert Path(report["ckpt"]) == run / "checkpoints" / "last.ckpt"
+    assert "± " in proc.stdout and "step" in proc.stdout
+
+    # the default eval scores 600 tasks (not the 8 of the short training run); same tasks each time
+    run_cli("eval", f"ckpt={run}/checkpoints/best.ckpt", "algo.eval_inner_steps=1", check=True)
+    first = json.loads((run / "eval.json").read_text())
+    assert first["num_tasks"] == 600
+    run_cli("eval", f"ckpt={run}/checkpoints/best.ckpt", "algo.eval_inner_steps=1", check=True)
+    assert json.loads((run / "eval.json").read_text())["per_step"] == first["per_step"]
+    # the training run's files are untouched by eval
+    assert yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()) == FAST
+
+
+def test_multirun_writes_one_folder_per_job(run_cli, tmp_path):
+    sweep = tmp_path / "sweep"
+    run_cli("train", "-m", "algo=maml,reptile", "seed=0,1", *FAST, "eval.num_tasks=4",
+            f"hydra.sweep.dir={sweep}", check=True, timeout=600)
+    runs = run_folders(sweep)
+    assert len(runs) == 4
+    seen = set()
+    for run in runs:
+        overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())
+        seen.add(tuple(o for o in overrides if o.startswith(("algo=", "seed="))))
+        assert (run / "checkpoints" / "last.ckpt").exists() and (run / "test.json").exists()
+    assert seen == {("algo=maml", "seed=0"), ("algo=maml", "seed=1"), ("algo=reptile", "seed=0"), ("algo=reptile", "seed=1")}
+
+
+def test_resume_continues_the_run(run_cli, tmp_path):
+    common = ["trainer.val_check_interval=100", "trainer.enable_progress_bar=false", "eval.num_tasks=4",
+              "eval.val_tasks=4", "checkpoint.every_n_steps=5"]
+    run_cli("train", "trainer.max_steps=10", *common, "hydra.run.dir=full", check=True)
+    run_cli("train", "trainer.max_steps=5", *common, "hydra.run.dir=first", check=True)
+    run_cli("train", "trainer.max_steps=10", *common, "hydra.run.dir=resumed",
+            f"ckpt_path={tmp_path}/first/checkpoints/last.ckpt", check=True)
+    full = torch.load(tmp_path / "full/checkpoints/last.ckpt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=True)
+    assert resumed["global_step"] == 10
+    for key, value in full["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=0)
+    # the first run's folder is kept as it was
+    assert torch.load(tmp_path / "first/checkpoints/last.ckpt", weights_only=True)["global_step"] == 5
