@@ -54,7 +54,13 @@ class MetaLearner(pl.LightningModule):
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
-        self.log_dict({f"train/{k}": v for k, v in step.metrics.items()}, prog_bar=True, batch_size=batch.num_tasks)
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:  # Lightning writes logs only then
+            self.log_dict({f"train/{k}": v for k, v in step.metrics.items()}, prog_bar=True, batch_size=batch.num_tasks)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        if isinstance(batch, TaskBatch):  # a direct move: Lightning's generic one deep-copies the dataclass
+            return batch.to(device)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         if not math.isfinite(loss.item()):

@@ -42,7 +42,7 @@ def test_train_then_eval(run_cli, tmp_path):
     assert (run / ".hydra" / "overrides.yaml").exists()
     for name in ("last.ckpt", "best.ckpt"):
         ckpt = torch.load(run / "checkpoints" / name, map_location="cpu", weights_only=True)
-        assert ckpt["metalearn"]["config"]["sampler"]["shots"] == 10
+        assert ckpt["metalearn"]["config"]["sampler"]["train_shots"] == 10
         assert ckpt["optimizer_states"], "checkpoints keep the optimizer state (for resume)"
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))

@@ -32,7 +32,7 @@ def test_defaults_are_the_maml_paper_sinusoid_experiment(compose_cfg):
     assert list(cfg.data.amplitude) == [0.1, 5.0] and list(cfg.data.x_range) == [-5.0, 5.0]
     assert cfg.algo.inner_lr == 0.01 and cfg.algo.inner_steps == 1 and cfg.algo.outer_lr == 0.001
     assert cfg.algo.first_order is False and cfg.algo.eval_inner_steps == 10
-    assert cfg.sampler.shots == 10 and cfg.sampler.meta_batch_size == 25
+    assert cfg.sampler.train_shots == 10 and cfg.sampler.shots == 5 and cfg.sampler.meta_batch_size == 25
     assert cfg.trainer.max_steps == 70000 and cfg.trainer.accelerator == "auto"
     model = build_experiment(cfg).module.model
     assert [tuple(p.shape) for p in model.parameters()] == [(40, 1), (40,), (40, 40), (40,), (1, 40), (1,)]
