@@ -33,6 +33,9 @@ def build_experiment(cfg: DictConfig, choices: dict | None = None) -> Experiment
     source: TaskSource = instantiate(cfg.data, _convert_="all")
     check_against_data(cfg, source.objective)
     sampler: EpisodicSampler = instantiate(cfg.sampler, source=source)
+    if hasattr(source, "check_task_shape"):
+        shots = {"train": sampler.train_shots, "val": sampler.shots, "test": sampler.shots}
+        source.check_task_shape(sampler.ways, shots, sampler.queries)
     model = instantiate(cfg.model, input_shape=source.input_shape, out_features=source.output_dim(sampler.ways))
     algorithm: Algorithm = instantiate(cfg.algo, _convert_="all")
     metadata = {
@@ -40,7 +43,8 @@ def build_experiment(cfg: DictConfig, choices: dict | None = None) -> Experiment
         "config": OmegaConf.to_container(cfg, resolve=True),
         "choices": dict(choices or {}),
     }
-    module = MetaLearner(model, algorithm, source.objective, metadata)
+    extras = algorithm.extra_modules(model, source, sampler)
+    module = MetaLearner(model, algorithm, source.objective, metadata, extras)
     datamodule = TaskDataModule(
         sampler,
         seed=cfg.seed,

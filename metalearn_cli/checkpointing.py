@@ -40,6 +40,8 @@ class RunCheckpoints(pl.Callback):
         self._last_saved_step = trainer.global_step
 
     def _improved(self, score: float) -> bool:
+        if score != score or score in (float("inf"), float("-inf")):
+            return False  # a diverged validation is never the best
         if self.best_score is None:
             return True
         return score < self.best_score if self.mode == "min" else score > self.best_score

@@ -19,8 +19,142 @@ class MLP(nn.Module):
         layers: list[nn.Module] = [nn.Flatten()]
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
             layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
-        layers.append(nn.Linear(sizes[-1], out_features))
-        self.net = nn.Sequential(*layers)
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(sizes[-1], out_features)
+
+    def forward(self, x: torch.Tensor, features_only: bool = False) -> torch.Tensor:
+        features = self.body(x)
+        return features if features_only else self.head(features)
+
+
+BN_MODES = ("transductive", "frozen", "per_step")
+
+
+class MetaBatchNorm2d(nn.Module):
+    """Batch normalisation with an explicit choice of which statistics normalise at test time.
+
+    * ``transductive``: always the statistics of the batch at hand, in training and at test (the
+      task's support set while adapting, its query set when scoring). What MAML's and Reptile's
+      published numbers use; at test, the query examples of a task influence each other.
+    * ``frozen``: batch statistics in meta-training; at validation and test the running statistics
+      of the meta-learned initialisation, estimated on meta-training support sets. No test example
+      influences another.
+    * ``per_step``: like ``frozen``, with one set of running statistics per inner step (MAML++,
+      Antoniou et al. 2019): step k of adaptation at test normalises with the statistics the
+      model had at step k in meta-training.
+
+    Running statistics are updated only by `record` (outside the inner loop, without gradients);
+    the forward pass itself never changes a buffer, so it is safe under functional_call and vmap.
+    """
+
+    def __init__(self, channels: int, mode: str = "transductive", steps: int = 1, momentum: float = 0.1, eps: float = 1e-5) -> None:
+        super().__init__()
+        if mode not in BN_MODES:
+            raise ValueError(f"unknown batch norm mode {mode!r}")
+        self.mode = mode
+        self.momentum = momentum
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        slots = steps + 1 if mode == "per_step" else 1
+        if mode != "transductive":
+            self.register_buffer("running_mean", torch.zeros(slots, channels))
+            self.register_buffer("running_var", torch.ones(slots, channels))
+        #: inner step being run (per_step); set by FunctionalModel before each forward
+        self.step = 0
+        #: when True, forward passes update the running statistics (used by `record` only)
+        self.recording = False
+
+    def _slot(self) -> int:
+        return min(self.step, self.running_mean.shape[0] - 1) if self.mode == "per_step" else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        if self.mode != "transductive" and self.recording:
+            with torch.no_grad():
+                slot = self._slot()
+                mean = x.mean(dim=(0, 2, 3))
+                var = x.var(dim=(0, 2, 3), unbiased=True)
+                self.running_mean[slot].lerp_(mean, self.momentum)
+                self.running_var[slot].lerp_(var, self.momentum)
+        if self.mode == "transductive" or self.training:
+            # Written out rather than F.batch_norm: its double backward is wrong under vmap
+            # (second-order MAML with vectorized tasks; tests/test_models.py checks this).
+            mean = x.mean(dim=(0, 2, 3), keepdim=True)
+            var = (x - mean).pow(2).mean(dim=(0, 2, 3), keepdim=True)
+            scale = self.weight.view(1, -1, 1, 1) * torch.rsqrt(var + self.eps)
+            return (x - mean) * scale + self.bias.view(1, -1, 1, 1)
+        slot = self._slot()
+        return nn.functional.batch_norm(
+            x, self.running_mean[slot], self.running_var[slot], self.weight, self.bias, False, 0.0, self.eps
+        )
+
+
+class Conv4(nn.Module):
+    """The 4-block convolutional network of MAML, Reptile and most few-shot papers.
+
+    Each block: 3x3 convolution with `channels` filters, batch norm, ReLU, then downsampling by
+    stride 2 (`downsample="stride"`, MAML's Omniglot network) or 2x2 max-pooling ("maxpool", MAML's
+    miniImageNet network, with 32 filters). The features are averaged over space ("mean", MAML's
+    Omniglot head) or flattened ("flatten", its miniImageNet head) and a linear layer gives the
+    class scores.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        out_features: int,
+        channels: int = 64,
+        blocks: int = 4,
+        downsample: str = "stride",
+        pool: str = "mean",
+        bn: str = "transductive",
+        bn_steps: int = 10,
+    ) -> None:
+        super().__init__()
+        if downsample not in ("stride", "maxpool"):
+            raise ValueError(f"unknown downsample {downsample!r}")
+        if pool not in ("mean", "flatten"):
+            raise ValueError(f"unknown pool {pool!r}")
+        layers: list[nn.Module] = []
+        in_channels = int(input_shape[0])
+        for _ in range(blocks):
+            stride = 2 if downsample == "stride" else 1
+            layers += [
+                nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1),
+                MetaBatchNorm2d(channels, bn, steps=bn_steps),
+                nn.ReLU(),
+            ]
+            if downsample == "maxpool":
+                layers.append(nn.MaxPool2d(2))
+            in_channels = channels
+        self.features = nn.Sequential(*layers)
+        self.pool = pool
+        with torch.no_grad():
+            size = self._pool(self.features(torch.zeros(2, *input_shape))).shape[-1]
+        self.head = nn.Linear(size, out_features)
+
+    def _pool(self, h: torch.Tensor) -> torch.Tensor:
+        return h.mean(dim=(-2, -1)) if self.pool == "mean" else h.flatten(1)
+
+    def forward(self, x: torch.Tensor, features_only: bool = False) -> torch.Tensor:
+        features = self._pool(self.features(x))
+        return features if features_only else self.head(features)
+
+
+class CosineClassifier(nn.Module):
+    """Baseline++'s head (Chen et al. 2019): scale * cos(feature, class weight)."""
+
+    def __init__(self, in_features: int, classes: int, scale: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(classes, in_features))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.scale = scale
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return cosine_logits(features, self.weight, self.scale)
+
+
+def cosine_logits(features: torch.Tensor, weight: torch.Tensor, scale: float) -> torch.Tensor:
+    features = nn.functional.normalize(features, dim=-1, eps=1e-8)
+    weight = nn.functional.normalize(weight, dim=-1, eps=1e-8)
+    return scale * features @ weight.transpose(-1, -2)

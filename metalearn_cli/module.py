@@ -24,9 +24,17 @@ class NonFiniteLoss(MetalearnError):
 
 
 class MetaLearner(pl.LightningModule):
-    def __init__(self, model: nn.Module, algorithm: Algorithm, objective: Objective, metadata: dict) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        algorithm: Algorithm,
+        objective: Objective,
+        metadata: dict,
+        extras: dict[str, nn.Module] | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
+        self.extras = nn.ModuleDict(extras or {})  # e.g. the pre-training head of Baseline/Baseline++
         self.algorithm = algorithm
         self.objective = objective
         self.fmodel = FunctionalModel(self.model, objective)
@@ -37,7 +45,7 @@ class MetaLearner(pl.LightningModule):
 
     # -- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        return self.algorithm.configure_optimizers(self.model.parameters(), self.trainer.max_steps)
+        return self.algorithm.configure_optimizers(self.parameters(), self.trainer.max_steps)
 
     def training_step(self, batch: TaskBatch, batch_idx: int) -> None:
         optimizer = self.optimizers()
@@ -51,6 +59,7 @@ class MetaLearner(pl.LightningModule):
                 parameter.grad = step.direction[name].to(parameter.dtype)
             self._check_finite(step.metrics["loss"])
         optimizer.step()
+        self.fmodel.record_statistics(batch, self.algorithm.inner_steps, self.algorithm.inner_lr)
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()

@@ -30,6 +30,9 @@ def summarize(scores: torch.Tensor, metric: str) -> dict:
         "num_tasks": int(scores.shape[0]),
         "inner_steps": int(scores.shape[1] - 1),
         "per_step": per_step,
+        # tasks whose adaptation diverged (metric inf or nan after the last step); they make the mean non-finite
+        "nonfinite_tasks": int((~torch.isfinite(scores[:, -1])).sum()),
+        "median": float(scores[:, -1].double().nanmedian()),
     }
 
 

@@ -27,8 +27,10 @@ def run_summary(experiment, cfg: DictConfig, choices: dict, ckpt: Path | str, sp
 
 def describe_result(summary: dict) -> str:
     scale, unit = (100.0, "%") if summary["metric"] == "acc" else (1.0, "")
+    diverged = summary.get("nonfinite_tasks", 0)
+    note = f"; adaptation diverged on {diverged} tasks (median {summary['median']:.4f})" if diverged else ""
     return (
         f"{summary['split']} {summary['metric']} after {summary['inner_steps']} steps: "
         f"{summary['mean'] * scale:.4f}{unit} ± {summary['ci95'] * scale:.4f}{unit} "
-        f"(95% CI, {summary['num_tasks']} tasks)"
+        f"(95% CI, {summary['num_tasks']} tasks{note})"
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -18,6 +18,8 @@ class TaskBatch:
     query_x:   [T, Q, *input_shape]   query_y:   [T, Q] or [T, Q, out]
     seed: an integer drawn with the batch, for algorithms that need their own randomness
           (Reptile's inner mini-batches), so a step is a pure function of the batch.
+    classes: [T, N] for classification: the split's class index behind each task label
+             (what supervised pre-training, the Baseline of Chen et al., learns from).
     """
 
     support_x: Tensor
@@ -25,24 +27,29 @@ class TaskBatch:
     query_x: Tensor
     query_y: Tensor
     seed: int = 0
+    classes: Tensor | None = None
 
     @property
     def num_tasks(self) -> int:
         return self.support_x.shape[0]
 
     def to(self, device: torch.device | str) -> "TaskBatch":
-        return TaskBatch(*(t.to(device, non_blocking=True) for t in self.tensors()), seed=self.seed)
+        moved = [t.to(device, non_blocking=True) for t in self.tensors()]
+        classes = None if self.classes is None else self.classes.to(device, non_blocking=True)
+        return TaskBatch(*moved, seed=self.seed, classes=classes)
 
     def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return self.support_x, self.support_y, self.query_x, self.query_y
 
     def slice(self, start: int, stop: int) -> "TaskBatch":
-        return TaskBatch(*(t[start:stop] for t in self.tensors()), seed=self.seed)
+        classes = None if self.classes is None else self.classes[start:stop]
+        return TaskBatch(*(t[start:stop] for t in self.tensors()), seed=self.seed, classes=classes)
 
     @staticmethod
     def cat(batches: list["TaskBatch"]) -> "TaskBatch":
-        parts = [torch.cat([getattr(b, f.name) for b in batches]) for f in fields(TaskBatch) if f.name != "seed"]
-        return TaskBatch(*parts, seed=batches[0].seed)
+        parts = [torch.cat([b.tensors()[i] for b in batches]) for i in range(4)]
+        classes = None if batches[0].classes is None else torch.cat([b.classes for b in batches])
+        return TaskBatch(*parts, seed=batches[0].seed, classes=classes)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from metalearn_cli.algorithms.inner_optim import InnerSGD
+from metalearn_cli.models import MetaBatchNorm2d
 from metalearn_cli.tasks import Objective, TaskBatch
 
 Params = dict[str, Tensor]
@@ -21,20 +22,56 @@ VECTORIZE_CHOICES = ("auto", "vmap", "loop")
 
 
 class FunctionalModel:
-    """An `nn.Module` used as the pure function f(params, x), plus the task objective."""
+    """An `nn.Module` used as the pure function f(params, x), plus the task objective.
+
+    `step` tells layers with per-step state (batch norm in `per_step` mode) which inner step of
+    adaptation is running; it is plain Python state, so it works in a loop and under vmap alike.
+    """
 
     def __init__(self, module: nn.Module, objective: Objective) -> None:
         self.module = module
         self.objective = objective
+        self.stat_layers = [m for m in module.modules() if isinstance(m, MetaBatchNorm2d) and m.mode != "transductive"]
 
     def params(self) -> Params:
         return dict(self.module.named_parameters())
 
-    def __call__(self, params: Params, x: Tensor) -> Tensor:
+    def __call__(self, params: Params, x: Tensor, step: int = 0) -> Tensor:
+        for layer in self.stat_layers:
+            layer.step = step
         return functional_call(self.module, (params, dict(self.module.named_buffers())), (x,))
 
-    def loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
-        return self.objective.loss(self(params, x), y)
+    def loss(self, params: Params, x: Tensor, y: Tensor, step: int = 0) -> Tensor:
+        return self.objective.loss(self(params, x, step), y)
+
+    @torch.no_grad()
+    def record_statistics(self, tasks: "TaskBatch", inner_steps: int, inner_lr: float) -> None:
+        """Update running batch-norm statistics (modes frozen and per_step) from the support sets
+        of `tasks`, at the initialisation and (per_step) after each of `inner_steps` SGD steps.
+        Runs task by task outside any transform, after the meta-update; never inside the inner loop."""
+        if not self.stat_layers:
+            return
+        per_step = any(layer.mode == "per_step" for layer in self.stat_layers)
+        steps = inner_steps if per_step else 0
+        theta = {k: v.detach() for k, v in self.params().items()}
+        for i in range(tasks.num_tasks):
+            x, y = tasks.support_x[i], tasks.support_y[i]
+            params = theta
+            for step in range(steps + 1):
+                for layer in self.stat_layers:
+                    layer.recording = True
+                try:
+                    self(params, x, step)
+                finally:
+                    for layer in self.stat_layers:
+                        layer.recording = False
+                if step < steps:
+                    grads = grad(self.loss)(params, x, y, step)
+                    params = {k: p - inner_lr * grads[k] for k, p in params.items()}
+        for layer in self.stat_layers:  # steps never seen in training reuse the last one
+            if layer.mode == "per_step" and steps + 1 < layer.running_mean.shape[0]:
+                layer.running_mean[steps + 1 :] = layer.running_mean[steps]
+                layer.running_var[steps + 1 :] = layer.running_var[steps]
 
 
 @dataclass
@@ -110,6 +147,10 @@ class Algorithm(ABC):
         return "vmap"
 
     # -- meta-training --------------------------------------------------------------------
+    def extra_modules(self, model: nn.Module, source: Any, sampler: Any) -> dict[str, nn.Module]:
+        """Trainable modules the algorithm needs besides the model (saved in checkpoints)."""
+        return {}
+
     def configure_optimizers(self, parameters: Iterable[nn.Parameter], max_steps: int) -> dict:
         return {"optimizer": torch.optim.Adam(parameters, lr=self.outer_lr)}
 
@@ -135,11 +176,11 @@ class Algorithm(ABC):
 
         def score(support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> Tensor:
             adapted, state = params, optimizer.init(params)
-            scores = [metric(fmodel(adapted, query_x), query_y)]
-            for _ in range(steps):
-                grads = grad(fmodel.loss)(adapted, support_x, support_y)
+            scores = [metric(fmodel(adapted, query_x, 0), query_y)]
+            for step in range(steps):
+                grads = grad(fmodel.loss)(adapted, support_x, support_y, step)
                 adapted, state = optimizer.step(adapted, grads, state)
-                scores.append(metric(fmodel(adapted, query_x), query_y))
+                scores.append(metric(fmodel(adapted, query_x, step + 1), query_y))
             return torch.stack(scores)
 
         with torch.enable_grad():

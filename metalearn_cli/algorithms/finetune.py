@@ -1,26 +1,137 @@
-"""The "pretrained" baseline of the MAML paper: ordinary training on data pooled from sampled tasks.
+"""Fine-tuning baselines: ordinary training on pooled data, adaptation at test.
 
-Meta-training ignores the task structure: every support and query example of the meta-batch is
-one training example, and the loss is minimised directly. At validation and test the model is
-adapted to each task exactly as MAML is (SGD with eval_inner_lr for eval_inner_steps steps).
+Regression: the "pretrained" baseline of the MAML paper. Meta-training ignores the task structure:
+every support and query example of the meta-batch is one training example and the loss is
+minimised directly. At validation and test the whole model is adapted to each task exactly as MAML
+is (SGD with eval_inner_lr for eval_inner_steps steps).
+
+Classification: Baseline and Baseline++ of Chen et al. 2019 ("A Closer Look at Few-shot
+Classification"). Meta-training is supervised classification over all training classes (the
+images of the sampled tasks, labelled with their global class) with a linear head (`head=linear`,
+Baseline) or a cosine-similarity head (`head=cosine`, Baseline++). At test a new head with one
+output per way is trained on the task's support set, on the frozen backbone's features
+(`finetune_backbone=false`, the paper's protocol) or together with the whole network
+(`finetune_backbone=true`), by full-batch SGD with momentum and weight decay.
 """
 
 from __future__ import annotations
 
-import torch
+from typing import Iterable
 
-from metalearn_cli.algorithms.base import Algorithm, FunctionalModel, MetaStep
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad
+
+from metalearn_cli.algorithms.base import Algorithm, FunctionalModel, MetaStep, over_tasks
+from metalearn_cli.algorithms.inner_optim import InnerSGD
+from metalearn_cli.models import CosineClassifier, cosine_logits
 from metalearn_cli.tasks import TaskBatch
+
+HEADS = ("linear", "cosine")
+
+
+def cosine_scale(classes: int) -> float:
+    """Chen et al.'s temperature: 2 for up to 200 classes, 10 above."""
+    return 2.0 if classes <= 200 else 10.0
 
 
 class Finetune(Algorithm):
     name = "finetune"
 
+    def __init__(
+        self,
+        *args,
+        head: str = "linear",
+        finetune_backbone: bool = False,
+        eval_momentum: float = 0.9,
+        eval_weight_decay: float = 0.001,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if head not in HEADS:
+            raise ValueError(f"unknown head {head!r}")
+        self.head = head
+        self.finetune_backbone = bool(finetune_backbone)
+        self.eval_momentum = float(eval_momentum)
+        self.eval_weight_decay = float(eval_weight_decay)
+        self.classifier: nn.Module | None = None
+
+    def extra_modules(self, model: nn.Module, source, sampler) -> dict[str, nn.Module]:
+        """The head over all training classes used in pre-training (classification only)."""
+        if source.objective.name != "classification":
+            return {}
+        features = model.head.in_features
+        classes = source.num_classes("train")
+        if self.head == "cosine":
+            self.classifier = CosineClassifier(features, classes, cosine_scale(classes))
+        else:
+            self.classifier = nn.Linear(features, classes)
+        return {"classifier": self.classifier}
+
+    def configure_optimizers(self, parameters: Iterable[nn.Parameter], max_steps: int) -> dict:
+        return {"optimizer": torch.optim.Adam(parameters, lr=self.outer_lr)}
+
+    # -- pre-training ----------------------------------------------------------------------
     def meta_step(self, fmodel: FunctionalModel, tasks: TaskBatch) -> MetaStep:
         objective = fmodel.objective
         inputs = torch.cat([tasks.support_x.flatten(0, 1), tasks.query_x.flatten(0, 1)])
-        targets = torch.cat([tasks.support_y.flatten(0, 1), tasks.query_y.flatten(0, 1)])
-        prediction = fmodel(fmodel.params(), inputs)
+        if self.classifier is None:  # regression: the model itself on pooled points
+            targets = torch.cat([tasks.support_y.flatten(0, 1), tasks.query_y.flatten(0, 1)])
+            prediction = fmodel(fmodel.params(), inputs)
+        else:  # classification: global class labels, the pre-training head
+            targets = torch.cat(
+                [tasks.classes.gather(1, tasks.support_y).flatten(), tasks.classes.gather(1, tasks.query_y).flatten()]
+            )
+            prediction = self.classifier(fmodel.module(inputs, features_only=True))
         loss = objective.loss(prediction, targets)
         metric = objective.metric(prediction, targets).detach()
         return MetaStep(loss=loss, metrics={"loss": loss.detach(), objective.metric_name: metric})
+
+    # -- test: a new head per task ---------------------------------------------------------
+    def evaluate(self, fmodel: FunctionalModel, tasks: TaskBatch, steps: int | None = None) -> Tensor:
+        if self.classifier is None:
+            return super().evaluate(fmodel, tasks, steps)
+        steps = self.eval_inner_steps if steps is None else steps
+        ways = int(tasks.support_y.max()) + 1
+        theta = {k: v.detach() for k, v in fmodel.params().items()}
+        features = fmodel.module.head.in_features
+        scale = cosine_scale(ways)
+        optimizer = InnerSGD(self.eval_inner_lr, self.eval_momentum, self.eval_weight_decay)
+        metric, loss_fn = fmodel.objective.metric, fmodel.objective.loss
+        # the new head starts at zero (linear) or, for cosine, at small seeded random weights
+        generator = torch.Generator().manual_seed(tasks.seed)
+        init = torch.randn(tasks.num_tasks, ways, features, generator=generator).to(tasks.support_x) * 0.01
+
+        def logits(head: dict, feats: Tensor) -> Tensor:
+            if self.head == "cosine":
+                return cosine_logits(feats, head["weight"], scale)
+            return feats @ head["weight"].T + head["bias"]
+
+        def score(support_x, support_y, query_x, query_y, weight0):
+            head = {"weight": weight0 if self.head == "cosine" else torch.zeros_like(weight0),
+                    "bias": torch.zeros_like(weight0[:, 0])}
+            images = {"support": support_x, "query": query_x}
+            if self.finetune_backbone:  # adapt backbone and head together
+                params = {"head": head, "backbone": theta}
+
+                def forward(p: dict, part: str) -> Tensor:
+                    state = (p["backbone"], dict(fmodel.module.named_buffers()))
+                    feats = functional_call(fmodel.module, state, (images[part],), {"features_only": True})
+                    return logits(p["head"], feats)
+            else:  # the paper's protocol: features of the frozen backbone, computed once
+                feats = {part: fmodel.module(x, features_only=True) for part, x in images.items()}
+                params = {"head": head}
+
+                def forward(p: dict, part: str) -> Tensor:
+                    return logits(p["head"], feats[part])
+
+            state = optimizer.init(params)
+            scores = [metric(forward(params, "query"), query_y)]
+            for _ in range(steps):
+                grads = grad(lambda p: loss_fn(forward(p, "support"), support_y))(params)
+                params, state = optimizer.step(params, grads, state)
+                scores.append(metric(forward(params, "query"), query_y))
+            return torch.stack(scores)
+
+        with torch.enable_grad():
+            return over_tasks(score, self.execution(fmodel), *tasks.tensors(), init).detach()

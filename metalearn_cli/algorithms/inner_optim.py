@@ -9,19 +9,31 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from torch.utils._pytree import tree_map
 
 Params = dict[str, torch.Tensor]
 
 
 class InnerSGD:
-    def __init__(self, lr: float) -> None:
+    """SGD as in torch.optim.SGD (dampening 0, no Nesterov)."""
+
+    def __init__(self, lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
         self.lr = lr
+        self.momentum = momentum
+        self.weight_decay = weight_decay
 
     def init(self, params: Params) -> dict:
-        return {}
+        return {"buffer": None}
 
     def step(self, params: Params, grads: Params, state: dict) -> tuple[Params, dict]:
-        return {k: p - self.lr * grads[k] for k, p in params.items()}, state
+        """params and grads may be nested dicts of tensors (same structure)."""
+        if self.weight_decay:
+            grads = tree_map(lambda g, p: g + self.weight_decay * p, grads, params)
+        if self.momentum:
+            previous = state["buffer"]
+            grads = grads if previous is None else tree_map(lambda b, g: self.momentum * b + g, previous, grads)
+            state = {"buffer": grads}
+        return tree_map(lambda p, g: p - self.lr * g, params, grads), state
 
 
 class InnerAdam:

@@ -30,8 +30,8 @@ class MAML(Algorithm):
 
     def adapt(self, fmodel: FunctionalModel, params: Params, x: Tensor, y: Tensor, steps: int) -> Params:
         """The inner loop: `steps` SGD steps on (x, y), differentiable w.r.t. `params`."""
-        for _ in range(steps):
-            grads = grad(fmodel.loss)(params, x, y)
+        for step in range(steps):
+            grads = grad(fmodel.loss)(params, x, y, step)
             if self.first_order:
                 grads = {k: g.detach() for k, g in grads.items()}
             params = {k: p - self.inner_lr * grads[k] for k, p in params.items()}
@@ -43,7 +43,7 @@ class MAML(Algorithm):
 
         def query_loss(support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor):
             adapted = self.adapt(fmodel, params, support_x, support_y, self.inner_steps)
-            prediction = fmodel(adapted, query_x)
+            prediction = fmodel(adapted, query_x, self.inner_steps)
             return objective.loss(prediction, query_y), objective.metric(prediction, query_y)
 
         losses, metrics = over_tasks(query_loss, self.execution(fmodel), *tasks.tensors())

@@ -79,8 +79,8 @@ class Reptile(Algorithm):
             params, state = theta, optimizer.init(theta)
             for step in range(self.inner_steps):
                 x, y = support_x[index[step]], support_y[index[step]]
-                params, state = optimizer.step(params, grad(fmodel.loss)(params, x, y), state)
-            return params, fmodel.loss(params, query_x, query_y)
+                params, state = optimizer.step(params, grad(fmodel.loss)(params, x, y, step), state)
+            return params, fmodel.loss(params, query_x, query_y, self.inner_steps)
 
         with torch.enable_grad():
             adapted, query_losses = over_tasks(adapt, self.execution(fmodel), *tasks.tensors(), indices)

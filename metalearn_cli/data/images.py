@@ -1,0 +1,150 @@
+"""N-way K-shot image classification over classes held in memory as uint8 tensors.
+
+Every image data source (Omniglot, folders, MNIST, CIFAR-FS, miniImageNet) decodes its files
+once into `ImageClasses` (cached on disk by `metalearn_cli.data.cache`) and hands them to
+`ImageTasks`, which draws tasks with index arithmetic only: choosing classes and examples is
+a few `argsort`s on random numbers, so sampling costs microseconds per meta-batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from metalearn_cli.data.base import SPLITS, TaskSource
+from metalearn_cli.errors import MetalearnError
+from metalearn_cli.tasks import CLASSIFICATION, TaskBatch
+
+
+@dataclass
+class ImageClasses:
+    """The images of one split, grouped by class.
+
+    pixels: uint8 [N, C, H, W]; class c owns rows offsets[c] : offsets[c] + counts[c].
+    rotations: if > 1, class c is image class c // rotations turned by 90 * (c % rotations) degrees.
+    """
+
+    pixels: torch.Tensor
+    counts: torch.Tensor
+    names: list[str]
+    rotations: int = 1
+
+    def __post_init__(self) -> None:
+        self.counts = torch.as_tensor(self.counts, dtype=torch.long)
+        self.offsets = torch.cumsum(self.counts, 0) - self.counts
+
+    def rotated(self) -> torch.Tensor:
+        """[4, N, C, H, W]: every image turned by 0, 90, 180 and 270 degrees (made once, on first use)."""
+        if getattr(self, "_rotated", None) is None:
+            self._rotated = torch.stack([torch.rot90(self.pixels, k, dims=(-2, -1)) for k in range(4)])
+        return self._rotated
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names) * self.rotations
+
+    @property
+    def class_names(self) -> list[str]:
+        if self.rotations == 1:
+            return list(self.names)
+        return [f"{n}/rot{90 * r:03d}" for n in self.names for r in range(self.rotations)]
+
+    @staticmethod
+    def from_lists(pixels_per_class: list[torch.Tensor], names: list[str], rotations: int = 1) -> "ImageClasses":
+        counts = [p.shape[0] for p in pixels_per_class]
+        return ImageClasses(torch.cat(pixels_per_class), torch.tensor(counts), list(names), rotations)
+
+
+class ImageTasks(TaskSource):
+    """Few-shot classification tasks drawn from per-split `ImageClasses`.
+
+    Pixels become floats in [0, 1] (`invert`: 1 - x, so Omniglot strokes are 1 as in MAML's code).
+    Class labels 0..N-1 are assigned in the random order the classes were drawn, so they are
+    shuffled per task.
+    """
+
+    objective = CLASSIFICATION
+
+    def __init__(self, splits: dict[str, ImageClasses], name: str, invert: bool = False, augment_rotations: bool = False) -> None:
+        missing = [s for s in SPLITS if s not in splits]
+        if missing:
+            raise ValueError(f"missing splits {missing}")
+        self.splits = splits
+        self.name = name
+        self.invert = invert
+        #: rotate every drawn class by a random multiple of 90 degrees (MAML's Omniglot augmentation)
+        self.augment_rotations = augment_rotations
+        c, h, w = splits["train"].pixels.shape[1:]
+        self.input_shape = (int(c), int(h), int(w))
+
+    def output_dim(self, ways: int | None) -> int:
+        return int(ways)
+
+    def num_classes(self, split: str) -> int:
+        return self.splits[split].num_classes
+
+    def check_task_shape(self, ways: int, shots_per_split: dict[str, int], queries: int) -> None:
+        """Fail early, naming the key, if a split cannot supply tasks of this shape."""
+        for split, shots in shots_per_split.items():
+            classes = self.splits[split]
+            if ways > classes.num_classes:
+                raise MetalearnError(
+                    f"`sampler.ways` = {ways} is more than the {classes.num_classes} classes of the {split} split "
+                    f"of {self.name}. Allowed: at most {classes.num_classes}."
+                )
+            fewest = int(classes.counts.min())
+            if shots + queries > fewest:
+                raise MetalearnError(
+                    f"`sampler.shots` + `sampler.queries` = {shots} + {queries} images per class, but the {split} split "
+                    f"of {self.name} has classes with only {fewest} images. Allowed: shots + queries <= {fewest}."
+                )
+
+    def sample(self, split, generator, num_tasks, ways, shots, queries) -> TaskBatch:
+        classes = self.splits[split]
+        # which classes, in random order (the order is the label assignment)
+        chosen = distinct_indices(generator, torch.full((num_tasks,), classes.num_classes), ways)  # [T, N]
+        source = chosen // classes.rotations
+        turns = chosen % classes.rotations
+        if self.augment_rotations:
+            turns = torch.randint(0, 4, (num_tasks, ways), generator=generator)
+        # which images of each class, without replacement
+        picks = distinct_indices(generator, classes.counts[source], shots + queries)  # [T, N, K+Q]
+        rows = classes.offsets[source][..., None] + picks
+        if classes.rotations > 1 or self.augment_rotations:
+            images = classes.rotated()[turns[..., None].expand_as(rows), rows]
+        else:
+            images = classes.pixels[rows]  # [T, N, K+Q, C, H, W]
+        x = images.float().div_(255.0)
+        if self.invert:
+            x = 1.0 - x
+        labels = torch.arange(ways).view(1, ways, 1)
+        support_x = x[:, :, :shots].flatten(1, 2)
+        query_x = x[:, :, shots:].flatten(1, 2)
+        support_y = labels.expand(num_tasks, ways, shots).flatten(1)
+        query_y = labels.expand(num_tasks, ways, queries).flatten(1)
+        return TaskBatch(support_x, support_y, query_x, query_y, classes=chosen)
+
+
+def distinct_indices(generator: torch.Generator, counts: torch.Tensor, k: int) -> torch.Tensor:
+    """For every entry n of `counts`, k distinct integers uniform in [0, n), in uniformly random order.
+
+    Rejection sampling (redraw the rows that hold a repeat) where k is small next to n, random-key
+    sorting where it is not; both exact, and both fast: no sort over all classes of a large data set.
+    """
+    shape = counts.shape
+    counts = counts.reshape(-1)
+    out = torch.empty(counts.numel(), k, dtype=torch.long)
+    dense = counts < 4 * k
+    if bool(dense.any()):
+        n = int(counts[dense].max())
+        keys = torch.rand(int(dense.sum()), n, generator=generator)
+        keys = keys.masked_fill(torch.arange(n) >= counts[dense, None], 2.0)
+        out[dense] = keys.argsort(1)[:, :k]
+    sparse = (~dense).nonzero().flatten()
+    while sparse.numel():
+        draw = (torch.rand(sparse.numel(), k, generator=generator) * counts[sparse, None]).long()
+        out[sparse] = draw
+        ordered = draw.sort(1).values
+        sparse = sparse[(ordered[:, 1:] == ordered[:, :-1]).any(1)]
+    return out.reshape(*shape, k)

@@ -1,0 +1,129 @@
+"""Conv4, batch-norm modes, and the algorithms on convolutional models (small, float64)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metalearn_cli.algorithms import MAML, Finetune, FunctionalModel, Reptile
+from metalearn_cli.data.images import ImageClasses, ImageTasks
+from metalearn_cli.models import Conv4, MetaBatchNorm2d
+from metalearn_cli.samplers import EpisodicSampler
+from metalearn_cli.tasks import CLASSIFICATION, TaskBatch
+
+
+def test_conv4_shapes_match_the_papers():
+    omniglot = Conv4((1, 28, 28), 5)
+    assert omniglot(torch.zeros(7, 1, 28, 28)).shape == (7, 5) and omniglot.head.in_features == 64
+    mini = Conv4((3, 84, 84), 5, channels=32, downsample="maxpool", pool="flatten")
+    assert mini.head.in_features == 32 * 5 * 5
+    assert sum(p.numel() for p in mini.parameters()) == 32 * 3 * 9 + 32 + 3 * (32 * 32 * 9 + 32) + 4 * 64 + 800 * 5 + 5
+
+
+def _tiny_tasks(num_tasks=3, ways=3, shots=2, queries=2, seed=0):
+    torch.manual_seed(seed)
+    classes = ImageClasses.from_lists([torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8) for _ in range(8)], [str(i) for i in range(8)])
+    source = ImageTasks({"train": classes, "val": classes, "test": classes}, name="tiny")
+    batch = source.sample("train", torch.Generator().manual_seed(seed), num_tasks, ways, shots, queries)
+    return source, TaskBatch(*(t.double() if t.is_floating_point() else t for t in batch.tensors()), seed=1, classes=batch.classes)
+
+
+def _reference_maml_gradient(model, tasks, inner_lr, steps, first_order):
+    """The textbook per-task loop: functional_call + torch.autograd.grad(create_graph=True)."""
+    params = dict(model.named_parameters())
+    total = 0.0
+    for i in range(tasks.num_tasks):
+        fast = params
+        for _ in range(steps):
+            loss = F.cross_entropy(torch.func.functional_call(model, fast, (tasks.support_x[i],)), tasks.support_y[i])
+            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
+            fast = {k: v - inner_lr * g for (k, v), g in zip(fast.items(), grads)}
+        total = total + F.cross_entropy(torch.func.functional_call(model, fast, (tasks.query_x[i],)), tasks.query_y[i])
+    return torch.autograd.grad(total / tasks.num_tasks, list(params.values()))
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("vectorize", ["vmap", "loop"])
+def test_maml_on_conv4_matches_the_textbook_loop(vectorize, first_order):
+    _, tasks = _tiny_tasks()
+    model = Conv4((1, 8, 8), 3, channels=4).double()
+    reference = _reference_maml_gradient(model, tasks, 0.3, 2, first_order)
+    algo = MAML(inner_lr=0.3, inner_steps=2, eval_inner_steps=1, outer_lr=1e-3, first_order=first_order, vectorize=vectorize)
+    model.zero_grad()
+    algo.meta_step(FunctionalModel(model, CLASSIFICATION), tasks).loss.backward()
+    for p, r in zip(model.parameters(), reference):
+        torch.testing.assert_close(p.grad, r)
+
+
+def test_transductive_batch_norm_mixes_query_examples_and_frozen_does_not():
+    _, tasks = _tiny_tasks()
+    x = tasks.query_x[0]
+    for mode, mixes in (("transductive", True), ("frozen", False), ("per_step", False)):
+        model = Conv4((1, 8, 8), 3, channels=4, bn=mode).double().eval()
+        alone = model(x[:1])
+        together = model(x)[:1]
+        assert (not torch.allclose(alone, together)) == mixes, mode
+
+
+def test_running_statistics_are_recorded_outside_the_inner_loop_only():
+    _, tasks = _tiny_tasks()
+    model = Conv4((1, 8, 8), 3, channels=4, bn="per_step", bn_steps=3).double()
+    fmodel = FunctionalModel(model, CLASSIFICATION)
+    layer = next(m for m in model.modules() if isinstance(m, MetaBatchNorm2d))
+    before = layer.running_mean.clone()
+    MAML(inner_lr=0.3, inner_steps=2, eval_inner_steps=1, outer_lr=1e-3).meta_step(fmodel, tasks).loss.backward()
+    assert torch.equal(layer.running_mean, before), "the meta-step must not touch buffers"
+    fmodel.record_statistics(tasks, inner_steps=2, inner_lr=0.3)
+    assert not torch.allclose(layer.running_mean[0], before[0])
+    assert not torch.allclose(layer.running_mean[1], layer.running_mean[0])  # one set per step
+    assert torch.equal(layer.running_mean[3], layer.running_mean[2])  # unseen steps reuse the last
+    # at test (eval mode) step k normalises with slot k
+    model.eval()
+    layer.step = 1
+    h = torch.randn(4, 4, 3, 3, dtype=torch.float64)
+    expected = F.batch_norm(h, layer.running_mean[1], layer.running_var[1], layer.weight, layer.bias, False, 0.0, layer.eps)
+    torch.testing.assert_close(layer(h), expected)
+
+
+@pytest.mark.parametrize("head", ["linear", "cosine"])
+def test_baseline_pretrains_on_global_classes_and_adapts_a_new_head(head):
+    source, tasks = _tiny_tasks()
+    model = Conv4((1, 8, 8), 3, channels=16).double()
+    algo = Finetune(inner_lr=0.01, inner_steps=1, eval_inner_steps=100, outer_lr=1e-3, eval_inner_lr=0.5, head=head, vectorize="loop")
+    extras = algo.extra_modules(model, source, None)
+    extras["classifier"].double()
+    assert extras["classifier"].weight.shape[0] == 8  # one output per training class
+    fmodel = FunctionalModel(model, CLASSIFICATION)
+    step = algo.meta_step(fmodel, tasks)
+    step.loss.backward()
+    assert extras["classifier"].weight.grad is not None and model.features[0].weight.grad is not None
+    scores = algo.evaluate(fmodel, tasks)
+    assert scores.shape == (3, 101)
+    support_tasks = TaskBatch(tasks.support_x, tasks.support_y, tasks.support_x, tasks.support_y, seed=1)
+    assert algo.evaluate(fmodel, support_tasks)[:, -1].mean() == 1.0  # a head trained on the support set fits it
+    vmapped = Finetune(inner_lr=0.01, inner_steps=1, eval_inner_steps=100, outer_lr=1e-3, eval_inner_lr=0.5, head=head, vectorize="vmap")
+    vmapped.classifier = algo.classifier
+    torch.testing.assert_close(vmapped.evaluate(fmodel, tasks), scores)
+
+
+def test_reptile_runs_on_conv4_with_minibatches():
+    _, tasks = _tiny_tasks(shots=4)
+    model = Conv4((1, 8, 8), 3, channels=4).double()
+    algo = Reptile(inner_lr=0.01, inner_steps=3, eval_inner_steps=2, outer_lr=1.0, inner_optimizer="adam", inner_batch_size=5)
+    step = algo.meta_step(FunctionalModel(model, CLASSIFICATION), tasks)
+    assert set(step.direction) == {k for k, _ in model.named_parameters()}
+    assert all(torch.isfinite(d).all() for d in step.direction.values())
+
+
+def test_baseline_with_whole_network_finetuning_changes_the_backbone_per_task():
+    source, tasks = _tiny_tasks()
+    model = Conv4((1, 8, 8), 3, channels=8).double()
+    kwargs = dict(inner_lr=0.01, inner_steps=1, eval_inner_steps=5, outer_lr=1e-3, eval_inner_lr=0.1)
+    frozen = Finetune(**kwargs, vectorize="loop")
+    whole = Finetune(**kwargs, finetune_backbone=True, vectorize="loop")
+    for algo in (frozen, whole):
+        algo.extra_modules(model, source, None)
+    fmodel = FunctionalModel(model, CLASSIFICATION)
+    a, b = frozen.evaluate(fmodel, tasks), whole.evaluate(fmodel, tasks)
+    assert torch.equal(a[:, 0], b[:, 0]) and not torch.equal(a, b)
+    whole.vectorize = "vmap"
+    torch.testing.assert_close(whole.evaluate(fmodel, tasks), b)
