@@ -117,7 +117,7 @@ class CIFARFS(ImageTasks):
         raise MetalearnError(
             f"CIFAR-100 not found under `data.root` = {str(self.root)!r}: expected <data.root>/{BASE_FOLDER}/"
             f"{{train,test,meta}} (the python version of CIFAR-100, as torchvision extracts it), and "
-            f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing.{hint} Pass data.download=true to "
+            f"{'none of them is there' if len(missing) == len(expected) else ', '.join(missing) + ' missing'}.{hint} Pass data.download=true to "
             "fetch it (needs internet), or point data.root at the folder that holds cifar-100-python/."
         )
 

@@ -136,7 +136,7 @@ class MNIST(ImageTasks):
         raise MetalearnError(
             f"MNIST not found under `data.root` = {str(self.root)!r}: torchvision expects "
             f"<data.root>/MNIST/raw/{{{','.join(p.name for p in expected)}}}, and "
-            f"{', '.join(p.name for p in missing)} {'is' if len(missing) == 1 else 'are'} missing.{hint} "
+            f"{'none of them is there' if len(missing) == len(expected) else ', '.join(p.name for p in missing) + ' missing'}.{hint} "
             "Pass data.download=true to fetch MNIST (needs internet), or point data.root at the folder that holds MNIST/."
         )
 
