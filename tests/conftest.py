@@ -74,3 +74,15 @@ def compose_cfg():
 @pytest.fixture(autouse=True)
 def _torch_threads():
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def omniglot_cache(tmp_path_factory):
+    """One decoded-image cache for the whole session (decoding all of Omniglot takes ~10 s)."""
+    if not (OMNIGLOT / "omniglot-py").exists():
+        pytest.skip("no Omniglot copy at ../shared")
+    folder = tmp_path_factory.mktemp("omniglot-cache")
+    from metalearn_cli.data.omniglot import Omniglot
+
+    Omniglot(str(OMNIGLOT), cache_dir=str(folder))
+    return folder

@@ -112,3 +112,21 @@ def test_an_existing_run_is_never_overwritten(run_cli, tmp_path, trained_run):
     proc = run_cli("train", *FAST, f"hydra.run.dir={trained_run}")
     assert_clean_error(proc, "hydra.run.dir", "already holds a run")
     assert _snapshot(trained_run) == before
+
+
+@pytest.mark.parametrize(
+    "override, needles",
+    [
+        ("sampler.queries=null", ["sampler.queries", "missing", "classification"]),
+        ("sampler.ways=null", ["sampler.ways", "missing"]),
+        ("sampler.ways=5000", ["sampler.ways", "5000", "classes"]),
+        ("sampler.shots=30", ["sampler.shots", "images per class"]),
+        ("data.split=lake", ["data.split", "vinyals", "maml"]),
+        ("data.root=/no/such/folder", ["data.root", "/no/such/folder", "omniglot-py"]),
+    ],
+)
+def test_bad_classification_input(run_cli, tmp_path, override, needles, omniglot_cache):
+    from conftest import OMNIGLOT
+
+    proc = run_cli("train", *FAST, "data=omniglot", f"data.root={OMNIGLOT}", f"data.cache_dir={omniglot_cache}", override)
+    assert_clean_error(proc, *needles)

@@ -101,3 +101,28 @@ def test_resume_continues_the_run(run_cli, tmp_path):
         torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=0)
     # the first run's folder is kept as it was
     assert torch.load(tmp_path / "first/checkpoints/last.ckpt", weights_only=True)["global_step"] == 5
+
+
+def omniglot_args(cache_dir):
+    from conftest import OMNIGLOT
+
+    return ["data=omniglot", f"data.root={OMNIGLOT}", f"data.cache_dir={cache_dir}", "sampler.meta_batch_size=2",
+            "trainer.max_steps=4", "trainer.val_check_interval=2", "eval.val_tasks=4", "eval.num_tasks=6",
+            "eval.batch_tasks=3", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("algo", ["maml", "reptile", "finetune"])
+def test_omniglot_train_and_eval(run_cli, tmp_path, algo, omniglot_cache):
+    args = omniglot_args(omniglot_cache)
+    proc = run_cli("train", *args, f"algo={algo}", "algo.eval_inner_steps=2", "hydra.run.dir=run", check=True)
+    assert "test acc after 2 steps" in proc.stdout.strip().splitlines()[-1]
+    test = json.loads((tmp_path / "run" / "test.json").read_text())
+    assert test["metric"] == "acc" and test["ways"] == 5 and test["shots"] == 1 and 0 <= test["mean"] <= 1
+    run_cli("eval", f"ckpt={tmp_path}/run/checkpoints/last.ckpt", "sampler.shots=5", "eval.num_tasks=4",
+            "algo.eval_inner_steps=1", check=True)
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert report["data"] == "omniglot" and report["shots"] == 5 and report["num_tasks"] == 4
+    assert len(report["per_step"]) == 2

@@ -16,11 +16,6 @@ pytestmark = pytest.mark.skipif(not (OMNIGLOT / "omniglot-py").exists(), reason=
 
 
 @pytest.fixture(scope="session")
-def omniglot_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("omniglot-cache")
-
-
-@pytest.fixture(scope="session")
 def omniglot(omniglot_cache):
     return Omniglot(str(OMNIGLOT), cache_dir=str(omniglot_cache))
 
