@@ -12,8 +12,10 @@ import pytorch_lightning as pl
 
 
 class RunCheckpoints(pl.Callback):
-    def __init__(self, dirpath: str | Path, monitor: str, mode: str, every_n_steps: int) -> None:
+    def __init__(self, dirpath: str | Path, monitor: str, mode: str, every_n_steps: int, stop: Any = None) -> None:
         self.dirpath = Path(dirpath)
+        #: a StopRequest: when set, save last.ckpt after the current meta-iteration and stop
+        self.stop = stop
         self.monitor = monitor
         self.mode = mode
         self.every_n_steps = every_n_steps
@@ -47,7 +49,15 @@ class RunCheckpoints(pl.Callback):
         return score < self.best_score if self.mode == "min" else score > self.best_score
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
+        stopping = self.stop is not None and self.stop.requested
+        if stopping or (self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0):
+            self.save_last(trainer)
+        if stopping:
+            trainer.should_stop = True
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # a stop requested during validation: the weights are those of the last finished meta-iteration
+        if self.stop is not None and self.stop.requested and self._last_saved_step != trainer.global_step:
             self.save_last(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

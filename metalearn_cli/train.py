@@ -3,17 +3,20 @@ fixed test tasks. Returns the best validation metric (what Hydra sweepers optimi
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from metalearn_cli.build import build_experiment, build_trainer
-from metalearn_cli.console import quiet_third_party
 from metalearn_cli.checkpointing import RunCheckpoints, read_checkpoint
+from metalearn_cli.console import quiet_third_party
 from metalearn_cli.errors import exits_cleanly
+from metalearn_cli.interrupts import StopRequest
 from metalearn_cli.run_folder import write_json_atomic
 from metalearn_cli.stats import format_table
 from metalearn_cli.summary import describe_result, run_summary
@@ -33,9 +36,21 @@ def train(cfg: DictConfig) -> float | None:
     choices = group_choices()
     experiment = build_experiment(cfg, choices)
     trainer = build_trainer(cfg, run_dir, experiment, training=True)
-    trainer.fit(experiment.module, datamodule=experiment.datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
-
     checkpoints = next(cb for cb in trainer.callbacks if isinstance(cb, RunCheckpoints))
+    with StopRequest() as stop:
+        checkpoints.stop = stop
+        try:
+            trainer.fit(experiment.module, datamodule=experiment.datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+        except SIGTERMException:
+            pass  # Lightning's own reaction to SIGTERM; last.ckpt is already written
+    if stop.requested:
+        last = checkpoints.last_path
+        message = (
+            f"Stopped by {stop.name} after meta-iteration {trainer.global_step}; saved {last}. "
+            f"Resume with: metalearn train <the same overrides> ckpt_path={last}"
+        )
+        print(message, file=sys.stderr)
+        sys.exit(128 + stop.signal)
     best = checkpoints.best_path if checkpoints.best_path.exists() else checkpoints.last_path
     trainer.test(experiment.module, datamodule=experiment.datamodule, ckpt_path=str(best), verbose=False, weights_only=True)
     if not trainer.is_global_zero:

@@ -1,0 +1,50 @@
+"""Real signals sent to a real training process: the run stops cleanly and resumes exactly."""
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from conftest import metalearn_executable
+
+COMMON = ["trainer.val_check_interval=100000", "trainer.enable_progress_bar=false", "eval.num_tasks=4",
+          "eval.val_tasks=4", "checkpoint.every_n_steps=1000000"]
+
+
+def _start(tmp_path, *args):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.Popen([metalearn_executable(), "train", *COMMON, *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_training(tmp_path, run: str, timeout: float = 120) -> None:
+    """Until the CSV logger has written a training row (the run is inside fit)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        metrics = tmp_path / run / "metrics.csv"
+        if metrics.exists() and "train/loss" in metrics.read_text():
+            return
+        time.sleep(0.2)
+    raise AssertionError("training did not start")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_last_ckpt_and_the_run_resumes(tmp_path, run_cli, signum):
+    proc = _start(tmp_path, "trainer.max_steps=1000000", "trainer.log_every_n_steps=5", "hydra.run.dir=run")
+    _wait_for_training(tmp_path, "run")
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err
+    assert "Traceback" not in err and "Resume with: metalearn train" in err and "ckpt_path=" in err
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    stopped_at = checkpoint["global_step"]
+    assert stopped_at >= 5
+    assert not list((tmp_path / "run" / "checkpoints").glob(".*tmp*")), "no temporary files left behind"
+    # it resumes and continues counting
+    run_cli("train", *COMMON, f"trainer.max_steps={stopped_at + 3}", f"ckpt_path={last}", "hydra.run.dir=resumed",
+            check=True)
+    assert torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=True)["global_step"] == stopped_at + 3
