@@ -8,6 +8,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from metalearn_cli import __version__
 from metalearn_cli.algorithms.base import Algorithm
@@ -15,6 +16,7 @@ from metalearn_cli.checkpointing import RunCheckpoints
 from metalearn_cli.config_checks import check_against_data, check_config
 from metalearn_cli.data.base import TaskSource
 from metalearn_cli.datamodule import TaskDataModule
+from metalearn_cli.errors import MetalearnError
 from metalearn_cli.module import MetaLearner
 from metalearn_cli.samplers import EpisodicSampler
 
@@ -76,8 +78,27 @@ def build_trainer(cfg: DictConfig, run_dir: Path | None, experiment: Experiment,
         callbacks=callbacks,
         enable_checkpointing=False,  # RunCheckpoints writes the checkpoints (atomically)
         inference_mode=False,  # evaluation adapts with gradients
+        use_distributed_sampler=False,  # TaskDataModule shards tasks across ranks itself
         default_root_dir=str(run_dir) if run_dir else None,
     )
     if not training:
         overrides["enable_progress_bar"] = False
-    return instantiate(cfg.trainer, **overrides)
+    try:
+        trainer = instantiate(cfg.trainer, **overrides)
+    except Exception as error:  # Lightning rejects accelerators and device counts this machine lacks
+        cause = error.__cause__ or error
+        if not isinstance(cause, (MisconfigurationException, ValueError, RuntimeError)):
+            raise
+        detail = " ".join(str(cause).split())
+        raise MetalearnError(
+            f"the trainer cannot start with `trainer.accelerator` = {cfg.trainer.get('accelerator')!r}, "
+            f"`trainer.devices` = {cfg.trainer.get('devices')!r}: {detail} "
+            "Use devices this machine has (e.g. trainer=cpu, or trainer.devices=1)."
+        ) from None
+    if training and cfg.sampler.meta_batch_size % trainer.world_size:
+        raise MetalearnError(
+            f"`sampler.meta_batch_size` = {cfg.sampler.meta_batch_size} cannot be split evenly across "
+            f"{trainer.world_size} processes (trainer.devices x trainer.num_nodes). Allowed: a multiple of "
+            f"{trainer.world_size}, so every rank takes the same share of each meta-batch."
+        )
+    return trainer

@@ -14,6 +14,7 @@ USAGE = """usage: metalearn <command> [hydra overrides and flags]
 commands:
   train   meta-train a few-shot learner (default: MAML on sinusoid regression)
   eval    score a checkpoint: metalearn eval ckpt=<run>/checkpoints/last.ckpt
+  bench   time our meta-iteration against the textbook per-task loop (metalearn bench --help)
 
 Each command takes Hydra overrides (algo=reptile seed=3), -m for sweeps, --cfg job, --help, --info.
 """
@@ -21,6 +22,7 @@ Each command takes Hydra overrides (algo=reptile seed=3), -m for sweeps, --cfg j
 COMMANDS = {
     "train": "metalearn_cli.train",
     "eval": "metalearn_cli.evaluate",
+    "bench": "metalearn_cli.bench",
 }
 
 
@@ -38,9 +40,20 @@ def main() -> None:
         )
         sys.exit(2)
     import importlib
+    import importlib.util
 
+    if command == "bench":  # a plain argparse tool, not a Hydra app
+        from metalearn_cli.bench import main as bench
+
+        bench(args[1:])
+        return
     app = importlib.import_module(COMMANDS[command])
     sys.argv = [sys.argv[0], *args[1:]]
+    # Lightning's DDP launcher starts the other ranks as `python -m <__main__.__spec__.name> <argv>`:
+    # point it at the subcommand's module so they run `metalearn_cli.train`, not the bare dispatcher.
+    import __main__
+
+    __main__.__spec__ = importlib.util.find_spec(COMMANDS[command])
     app.main()
 
 

@@ -27,3 +27,6 @@ def quiet_third_party() -> None:
     # One meta-batch per step, produced in the main process on purpose (see samplers.py).
     warnings.filterwarnings("ignore", message=r".*does not have many workers")
     warnings.filterwarnings("ignore", message=r".*IterableDataset.*has `__len__` defined")
+    # Validation/test summaries are gathered from every rank before logging: already in sync.
+    warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
+    warnings.filterwarnings("ignore", message=r"You have overridden `transfer_batch_to_device`.*")

@@ -4,9 +4,10 @@ resumes at the trainer's step, and fixed validation / test task sets served in c
 from __future__ import annotations
 
 import pytorch_lightning as pl
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from metalearn_cli.samplers import EpisodicSampler, TaskChunks, TrainStream
+from metalearn_cli.tasks import TaskBatch
 
 
 class TaskDataModule(pl.LightningDataModule):
@@ -25,7 +26,7 @@ class TaskDataModule(pl.LightningDataModule):
         self.task_seed = task_seed
         self.num_tasks = {"val": val_tasks, "test": test_tasks}
         self.eval_batch_tasks = eval_batch_tasks
-        self._fixed: dict[str, TaskChunks] = {}
+        self._fixed: dict[str, TaskBatch] = {}
 
     def _start_step(self) -> int:
         return self.trainer.global_step if self.trainer is not None else 0
@@ -39,9 +40,17 @@ class TaskDataModule(pl.LightningDataModule):
 
     def _fixed_loader(self, split: str) -> DataLoader:
         if split not in self._fixed:
-            tasks = self.sampler.fixed_tasks(split, self.num_tasks[split], self.task_seed)
-            self._fixed[split] = TaskChunks(tasks, self.eval_batch_tasks)
-        return DataLoader(self._fixed[split], batch_size=None, shuffle=False, num_workers=0)
+            self._fixed[split] = self.sampler.fixed_tasks(split, self.num_tasks[split], self.task_seed)
+        tasks = self._fixed[split]
+        rank, world = 0, 1
+        if self.trainer is not None:
+            rank, world = self.trainer.global_rank, self.trainer.world_size
+        # every rank gets at least one chunk; each scores every R-th chunk, each task exactly once
+        chunk_size = min(self.eval_batch_tasks, -(-tasks.num_tasks // world))
+        chunks = TaskChunks(tasks, chunk_size)
+        if world > 1:
+            chunks = Subset(chunks, range(rank, len(chunks), world))
+        return DataLoader(chunks, batch_size=None, shuffle=False, num_workers=0)
 
     def val_dataloader(self) -> DataLoader:
         return self._fixed_loader("val")

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from metalearn_cli.algorithms.base import Algorithm, FunctionalModel
+from metalearn_cli.distributed import all_reduce_mean_, gather_rows
 from metalearn_cli.errors import MetalearnError
 from metalearn_cli.stats import summarize
 from metalearn_cli.tasks import Objective, TaskBatch
@@ -58,8 +59,10 @@ class MetaLearner(pl.LightningModule):
             for name, parameter in self.model.named_parameters():
                 parameter.grad = step.direction[name].to(parameter.dtype)
             self._check_finite(step.metrics["loss"])
+        all_reduce_mean_(p.grad for p in self.parameters())  # ranks hold equal shares of the meta-batch
         optimizer.step()
         self.fmodel.record_statistics(batch, self.algorithm.inner_steps, self.algorithm.inner_lr)
+        all_reduce_mean_(self.model.buffers())
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
@@ -85,11 +88,10 @@ class MetaLearner(pl.LightningModule):
         self._scores[split].append(self.algorithm.evaluate(self.fmodel, batch))
 
     def _eval_end(self, split: str) -> dict:
-        scores = torch.cat(self._scores[split])
+        scores = torch.cat(self._scores[split]) if self._scores[split] else torch.empty(0)
         self._scores[split] = []
-        scores = self.all_gather(scores)
-        if scores.dim() == 3:  # [world, n, steps+1] under a distributed strategy
-            scores = scores.flatten(0, 1)
+        parts = [p for p in gather_rows(scores) if p.numel()]  # each rank scored its own share of the tasks
+        scores = torch.cat([p.reshape(-1, parts[0].shape[-1]) for p in parts])
         summary = summarize(scores.cpu(), self.objective.metric_name)
         self.summaries[split] = summary
         name = self.objective.metric_name

@@ -74,6 +74,8 @@ class RunFolderGuard(Callback):
             sys.exit(2)
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
+            return  # a DDP rank started by Lightning inside the run folder of rank 0
         self._check(OmegaConf.select(config, "hydra.run.dir"), "hydra.run.dir", is_run=True)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
