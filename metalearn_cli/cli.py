@@ -15,6 +15,7 @@ commands:
   train   meta-train a few-shot learner (default: MAML on sinusoid regression)
   eval    score a checkpoint: metalearn eval ckpt=<run>/checkpoints/last.ckpt
   bench   time our meta-iteration against the textbook per-task loop (metalearn bench --help)
+  report  tables and plots of a sweep: metalearn report multirun/<date>/<time>
 
 Each command takes Hydra overrides (algo=reptile seed=3), -m for sweeps, --cfg job, --help, --info.
 """
@@ -23,6 +24,7 @@ COMMANDS = {
     "train": "metalearn_cli.train",
     "eval": "metalearn_cli.evaluate",
     "bench": "metalearn_cli.bench",
+    "report": "metalearn_cli.report",
 }
 
 
@@ -42,10 +44,8 @@ def main() -> None:
     import importlib
     import importlib.util
 
-    if command == "bench":  # a plain argparse tool, not a Hydra app
-        from metalearn_cli.bench import main as bench
-
-        bench(args[1:])
+    if command in ("bench", "report"):  # plain argparse tools, not Hydra apps
+        importlib.import_module(COMMANDS[command]).main(args[1:])
         return
     app = importlib.import_module(COMMANDS[command])
     sys.argv = [sys.argv[0], *args[1:]]

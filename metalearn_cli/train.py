@@ -4,6 +4,7 @@ fixed test tasks. Returns the best validation metric (what Hydra sweepers optimi
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -37,12 +38,14 @@ def train(cfg: DictConfig) -> float | None:
     experiment = build_experiment(cfg, choices)
     trainer = build_trainer(cfg, run_dir, experiment, training=True)
     checkpoints = next(cb for cb in trainer.callbacks if isinstance(cb, RunCheckpoints))
+    started = time.time()
     with StopRequest() as stop:
         checkpoints.stop = stop
         try:
             trainer.fit(experiment.module, datamodule=experiment.datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
         except SIGTERMException:
             pass  # Lightning's own reaction to SIGTERM; last.ckpt is already written
+    train_seconds = time.time() - started
     if stop.requested:
         last = checkpoints.last_path
         message = (
@@ -56,6 +59,8 @@ def train(cfg: DictConfig) -> float | None:
     if not trainer.is_global_zero:
         return checkpoints.best_score
     summary = run_summary(experiment, cfg, choices, ckpt=best, split="test")
+    summary.update(steps=int(trainer.global_step), train_seconds=round(train_seconds, 1),
+                   best_val=checkpoints.best_score, best_step=checkpoints.best_step)
     write_json_atomic(run_dir / "test.json", summary)
     print(format_table(summary))
     print(f"{describe_result(summary)} | run folder: {run_dir}")

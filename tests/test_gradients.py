@@ -43,7 +43,7 @@ def meta_gradient(model, tasks, **kwargs) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
-@pytest.mark.parametrize("vectorize", ["vmap", "loop"])
+@pytest.mark.parametrize("vectorize", ["batched", "vmap", "loop"])
 def test_maml_gradient_matches_finite_differences(setup, vectorize):
     model, tasks, theta, _, loss = setup
     steps = 2
@@ -87,7 +87,7 @@ def _explicit_terms(setup):
     return first / n, second / n
 
 
-@pytest.mark.parametrize("vectorize", ["vmap", "loop"])
+@pytest.mark.parametrize("vectorize", ["batched", "vmap", "loop"])
 def test_maml_gradient_matches_hessian_formula(setup, vectorize):
     model, tasks, *_ = setup
     first, second = _explicit_terms(setup)
@@ -95,7 +95,7 @@ def test_maml_gradient_matches_hessian_formula(setup, vectorize):
     torch.testing.assert_close(meta_gradient(model, tasks, inner_steps=1, vectorize=vectorize), first + second)
 
 
-@pytest.mark.parametrize("vectorize", ["vmap", "loop"])
+@pytest.mark.parametrize("vectorize", ["batched", "vmap", "loop"])
 def test_fomaml_drops_exactly_the_second_order_term(setup, vectorize):
     model, tasks, *_ = setup
     first, second = _explicit_terms(setup)
@@ -134,7 +134,7 @@ def _reptile_reference(model, tasks, theta, loss, optimizer_cls, optimizer_kwarg
         ("adam", (torch.optim.Adam, {"lr": 0.02, "betas": (0.0, 0.999)})),
     ],
 )
-@pytest.mark.parametrize("vectorize", ["vmap", "loop"])
+@pytest.mark.parametrize("vectorize", ["batched", "vmap", "loop"])
 def test_one_reptile_step_equals_the_formula(setup, inner, reference, vectorize):
     model, tasks, theta, _, loss = setup
     epsilon, steps = 0.7, 4
@@ -175,7 +175,7 @@ def test_reptile_minibatches_cover_the_support_set_each_epoch(setup):
     assert all(sorted(row.tolist()) == [0, 1, 2, 3, 4] for row in first_epoch)
 
 
-@pytest.mark.parametrize("vectorize", ["vmap", "loop"])
+@pytest.mark.parametrize("vectorize", ["batched", "vmap", "loop"])
 def test_evaluation_scores_match_manual_sgd(setup, vectorize):
     model, tasks, theta, unflatten, loss = setup
     algo = MAML(inner_lr=INNER_LR, inner_steps=1, eval_inner_steps=3, outer_lr=1e-3, vectorize=vectorize)
@@ -193,3 +193,23 @@ def test_evaluation_scores_match_manual_sgd(setup, vectorize):
             w = (w - INNER_LR * g).detach()
             expected.append(loss(w, xq, yq).item())
         torch.testing.assert_close(scores[i], torch.tensor(expected, dtype=scores.dtype))
+
+
+def test_models_unknown_to_the_batched_path_use_vmap_or_the_functional_loop(setup):
+    """A plain nn.Sequential is not a metalearn model: auto falls back to vmap; both agree."""
+    _, tasks, *_ = setup
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 7), torch.nn.Tanh(), torch.nn.Linear(7, 1)).double()
+    fmodel = FunctionalModel(net, REGRESSION)
+    grads = []
+    for how in ("auto", "vmap", "loop"):
+        algo = MAML(inner_lr=INNER_LR, inner_steps=2, eval_inner_steps=1, outer_lr=1e-3, vectorize=how)
+        if how == "auto":
+            assert algo.execution(fmodel, tasks) == "vmap"
+        net.zero_grad()
+        algo.meta_step(fmodel, tasks).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    torch.testing.assert_close(grads[0], grads[2])
+    torch.testing.assert_close(grads[1], grads[2])
+    with pytest.raises(ValueError, match="batched"):
+        MAML(inner_lr=0.1, inner_steps=1, eval_inner_steps=1, outer_lr=1e-3, vectorize="batched").execution(fmodel, tasks)

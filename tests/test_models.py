@@ -42,7 +42,7 @@ def _reference_maml_gradient(model, tasks, inner_lr, steps, first_order):
 
 
 @pytest.mark.parametrize("first_order", [False, True])
-@pytest.mark.parametrize("vectorize", ["vmap", "loop"])
+@pytest.mark.parametrize("vectorize", ["batched", "vmap", "loop"])
 def test_maml_on_conv4_matches_the_textbook_loop(vectorize, first_order):
     _, tasks = _tiny_tasks()
     model = Conv4((1, 8, 8), 3, channels=4).double()

@@ -11,14 +11,18 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from metalearn_cli import batched
 from metalearn_cli.algorithms.inner_optim import InnerSGD
-from metalearn_cli.models import MetaBatchNorm2d
+from metalearn_cli.models import MLP, MetaBatchNorm2d
 from metalearn_cli.tasks import Objective, TaskBatch
 
 Params = dict[str, Tensor]
 
+#: auto: the largest support set (examples per task) for which grouped convolutions beat the loop
+AUTO_BATCHED_MAX_SUPPORT = 20
+
 #: names accepted by `algo.vectorize`
-VECTORIZE_CHOICES = ("auto", "vmap", "loop")
+VECTORIZE_CHOICES = ("auto", "batched", "vmap", "loop")
 
 
 class FunctionalModel:
@@ -112,6 +116,23 @@ def over_tasks(fn: Callable[..., Any], how: str, *per_task: Tensor) -> Any:
     raise ValueError(f"unknown task execution {how!r}; allowed: vmap, loop")
 
 
+def over_task_slices(fn: Callable[[TaskBatch], Any], tasks: TaskBatch, how: str) -> Any:
+    """fn(tasks) -> per-task results [T, ...]: all tasks in one call ("batched"), or task by task
+    ("loop", the same code on one-task batches), concatenated."""
+    if how == "batched":
+        return fn(tasks)
+    parts = [fn(tasks.slice(i, i + 1)) for i in range(tasks.num_tasks)]
+    first = parts[0]
+    if isinstance(first, Tensor):
+        return torch.cat(parts)
+    if isinstance(first, dict):
+        return {k: torch.cat([p[k] for p in parts]) for k in first}
+    return type(first)(
+        {k: torch.cat([p[i][k] for p in parts]) for k in first[i]} if isinstance(first[i], dict) else torch.cat([p[i] for p in parts])
+        for i in range(len(first))
+    )
+
+
 class Algorithm(ABC):
     """Base of every meta-learning algorithm.
 
@@ -140,11 +161,26 @@ class Algorithm(ABC):
         self.vectorize = vectorize
 
     # -- execution strategy ---------------------------------------------------------------
-    def execution(self, fmodel: FunctionalModel) -> str:
-        """The strategy `auto` resolves to for this model (measured in BENCHMARKS.md)."""
+    def execution(self, fmodel: FunctionalModel, tasks: TaskBatch | None = None) -> str:
+        """How the tasks of a batch run. `auto` follows the measurements in BENCHMARKS.md:
+
+        * `batched` for the MLP, and for Conv4 while a task's support set is small (at most
+          AUTO_BATCHED_MAX_SUPPORT examples): grouped convolutions win when each task alone is too
+          small to keep the cores busy;
+        * `loop` for Conv4 with larger support sets, where each task is a large enough batch on its
+          own and the double backward of grouped convolutions costs more than it saves (for the
+          models of metalearn_cli.batched the loop runs that same code on one task at a time);
+        * `vmap` for models `metalearn_cli.batched` does not know.
+        """
+        if self.vectorize == "batched" and not batched.supports(fmodel.module):
+            raise ValueError(f"algo.vectorize=batched does not support {type(fmodel.module).__name__}; use vmap or loop")
         if self.vectorize != "auto":
             return self.vectorize
-        return "vmap"
+        if not batched.supports(fmodel.module):
+            return "vmap"
+        if isinstance(fmodel.module, MLP) or tasks is None:
+            return "batched"
+        return "batched" if tasks.support_x.shape[1] <= AUTO_BATCHED_MAX_SUPPORT else "loop"
 
     # -- meta-training --------------------------------------------------------------------
     def extra_modules(self, model: nn.Module, source: Any, sampler: Any) -> dict[str, nn.Module]:
@@ -173,6 +209,9 @@ class Algorithm(ABC):
         params = {k: v.detach() for k, v in fmodel.params().items()}
         optimizer = self.eval_optimizer()
         metric = fmodel.objective.metric
+        how = self.execution(fmodel, tasks)
+        if how in ("batched", "loop") and batched.supports(fmodel.module):
+            return over_task_slices(lambda part: self._evaluate_batched(fmodel, params, optimizer, part, steps), tasks, how)
 
         def score(support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> Tensor:
             adapted, state = params, optimizer.init(params)
@@ -184,5 +223,22 @@ class Algorithm(ABC):
             return torch.stack(scores)
 
         with torch.enable_grad():
-            return over_tasks(score, self.execution(fmodel), *tasks.tensors()).detach()
+            return over_tasks(score, how, *tasks.tensors()).detach()
+
+    @staticmethod
+    def _evaluate_batched(fmodel: FunctionalModel, params: Params, optimizer, tasks: TaskBatch, steps: int) -> Tensor:
+        objective, module = fmodel.objective, fmodel.module
+        adapted = {k: v.expand(tasks.num_tasks, *v.shape) for k, v in params.items()}
+        state = optimizer.init(adapted)
+        with torch.no_grad():
+            scores = [objective.task_metric(batched.batched_forward(module, adapted, tasks.query_x, 0), tasks.query_y)]
+        for step in range(steps):
+            leaves = {k: v.detach().requires_grad_(True) for k, v in adapted.items()}
+            with torch.enable_grad():
+                losses = objective.task_loss(batched.batched_forward(module, leaves, tasks.support_x, step), tasks.support_y)
+                grads = dict(zip(leaves, torch.autograd.grad(losses.sum(), list(leaves.values()))))
+            with torch.no_grad():
+                adapted, state = optimizer.step({k: v.detach() for k, v in leaves.items()}, grads, state)
+                scores.append(objective.task_metric(batched.batched_forward(module, adapted, tasks.query_x, step + 1), tasks.query_y))
+        return torch.stack(scores, dim=1)
 

@@ -133,5 +133,7 @@ class Finetune(Algorithm):
                 scores.append(metric(forward(params, "query"), query_y))
             return torch.stack(scores)
 
+        how = self.execution(fmodel, tasks)
+        how = "vmap" if how == "batched" else how  # a new head per task: not a batched_forward network
         with torch.enable_grad():
-            return over_tasks(score, self.execution(fmodel), *tasks.tensors(), init).detach()
+            return over_tasks(score, how, *tasks.tensors(), init).detach()

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 from torch.func import grad
 
-from metalearn_cli.algorithms.base import Algorithm, FunctionalModel, MetaStep, Params, over_tasks
+from metalearn_cli.algorithms.base import Algorithm, FunctionalModel, MetaStep, Params, over_task_slices, over_tasks
+from metalearn_cli.batched import batched_forward, expand, supports
 from metalearn_cli.tasks import TaskBatch
 
 
@@ -37,16 +38,35 @@ class MAML(Algorithm):
             params = {k: p - self.inner_lr * grads[k] for k, p in params.items()}
         return params
 
+    def adapt_batched(self, fmodel: FunctionalModel, params: Params, x: Tensor, y: Tensor, steps: int) -> Params:
+        """The same inner loop for all tasks at once: params[name] is [T, ...], x is [T, N, ...]."""
+        for step in range(steps):
+            losses = fmodel.objective.task_loss(batched_forward(fmodel.module, params, x, step), y)
+            grads = torch.autograd.grad(losses.sum(), list(params.values()), create_graph=not self.first_order)
+            params = {k: p - self.inner_lr * g for (k, p), g in zip(params.items(), grads)}
+        return params
+
     def meta_step(self, fmodel: FunctionalModel, tasks: TaskBatch) -> MetaStep:
         params = fmodel.params()
         objective = fmodel.objective
+        how = self.execution(fmodel, tasks)
+        if how in ("batched", "loop") and supports(fmodel.module):
+
+            def query_losses(part: TaskBatch) -> tuple[Tensor, Tensor]:
+                adapted = self.adapt_batched(fmodel, expand(params, part.num_tasks), part.support_x, part.support_y, self.inner_steps)
+                prediction = batched_forward(fmodel.module, adapted, part.query_x, self.inner_steps)
+                return objective.task_loss(prediction, part.query_y), objective.task_metric(prediction, part.query_y)
+
+            losses, metrics = over_task_slices(query_losses, tasks, how)
+            loss = losses.mean()
+            return MetaStep(loss=loss, metrics={"loss": loss.detach(), objective.metric_name: metrics.detach().mean()})
 
         def query_loss(support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor):
             adapted = self.adapt(fmodel, params, support_x, support_y, self.inner_steps)
             prediction = fmodel(adapted, query_x, self.inner_steps)
             return objective.loss(prediction, query_y), objective.metric(prediction, query_y)
 
-        losses, metrics = over_tasks(query_loss, self.execution(fmodel), *tasks.tensors())
+        losses, metrics = over_tasks(query_loss, how, *tasks.tensors())
         loss = losses.mean()
         return MetaStep(
             loss=loss,

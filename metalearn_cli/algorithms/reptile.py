@@ -22,6 +22,7 @@ from torch.func import grad
 
 from metalearn_cli.algorithms.base import Algorithm, FunctionalModel, MetaStep, over_tasks
 from metalearn_cli.algorithms.inner_optim import make_inner_optimizer
+from metalearn_cli.batched import batched_forward, expand, supports
 from metalearn_cli.tasks import TaskBatch
 
 
@@ -82,7 +83,34 @@ class Reptile(Algorithm):
                 params, state = optimizer.step(params, grad(fmodel.loss)(params, x, y, step), state)
             return params, fmodel.loss(params, query_x, query_y, self.inner_steps)
 
+        how = self.execution(fmodel, tasks)
         with torch.enable_grad():
-            adapted, query_losses = over_tasks(adapt, self.execution(fmodel), *tasks.tensors(), indices)
+            if how == "batched":
+                adapted, query_losses = self._adapt_batched(fmodel, theta, optimizer, tasks, indices)
+            elif how == "loop" and supports(fmodel.module):  # the same code, one task at a time
+                parts = [
+                    self._adapt_batched(fmodel, theta, optimizer, tasks.slice(i, i + 1), indices[i : i + 1])
+                    for i in range(tasks.num_tasks)
+                ]
+                adapted = {k: torch.cat([p[0][k] for p in parts]) for k in theta}
+                query_losses = torch.cat([p[1] for p in parts])
+            else:
+                adapted, query_losses = over_tasks(adapt, how, *tasks.tensors(), indices)
         direction = {k: theta[k] - adapted[k].mean(0) for k in theta}
         return MetaStep(direction=direction, metrics={"loss": query_losses.mean()})
+
+    def _adapt_batched(self, fmodel: FunctionalModel, theta, optimizer, tasks: TaskBatch, indices: Tensor):
+        """The same inner loop for all tasks at once (see metalearn_cli.batched)."""
+        objective, module = fmodel.objective, fmodel.module
+        rows = torch.arange(tasks.num_tasks, device=indices.device).unsqueeze(1)
+        params = expand(theta, tasks.num_tasks)
+        state = optimizer.init(params)
+        for step in range(self.inner_steps):
+            x, y = tasks.support_x[rows, indices[:, step]], tasks.support_y[rows, indices[:, step]]
+            leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+            losses = objective.task_loss(batched_forward(module, leaves, x, step), y)
+            grads = dict(zip(leaves, torch.autograd.grad(losses.sum(), list(leaves.values()))))
+            params, state = optimizer.step({k: v.detach() for k, v in leaves.items()}, grads, state)
+        with torch.no_grad():
+            query_losses = objective.task_loss(batched_forward(module, params, tasks.query_x, self.inner_steps), tasks.query_y)
+        return params, query_losses

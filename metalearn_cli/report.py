@@ -1,0 +1,295 @@
+"""`metalearn report PATH [PATH ...]`: read a sweep (or any run folders) at a glance.
+
+For every run folder found under the paths (a folder holding `.hydra/config.yaml`), it reads the
+overrides, `test.json` and `metrics.csv`, then writes next to the sweep:
+
+* `report.md` and `report.csv`: one row per run, best first: the overrides that differ between
+  runs, the test metric ± 95% CI, the meta-iterations trained and the wall time;
+* `report_val_curves.png`: the meta-validation metric of every run against meta-iterations;
+* `report_<key>.png`: the test metric against each swept hyperparameter (mean ± CI per value);
+* `report_sinusoid.png` (sinusoid runs): the MAML paper's Figure 2 view for each run: the true
+  function, the K support points and the predictions before and after 1 and 10 inner steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import yaml
+
+from metalearn_cli.errors import MetalearnError, report as report_error
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    runs: list[Path] = []
+    for path in paths:
+        if not path.exists():
+            raise MetalearnError(f"the report path {str(path)!r} does not exist. Pass a sweep folder (multirun/<date>/<time>) or run folders.")
+        found = [p.parent.parent for p in sorted(path.rglob(".hydra/config.yaml"))]
+        runs += [r for r in found if r not in runs]
+    if not runs:
+        raise MetalearnError(
+            f"no runs found under {', '.join(repr(str(p)) for p in paths)}: a run folder holds .hydra/config.yaml "
+            "(outputs/<date>/<time>/ or multirun/<date>/<time>/<n>/)."
+        )
+    return runs
+
+
+def _overrides(run: Path) -> dict[str, str]:
+    items = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()) or []
+    out = {}
+    for item in items:
+        key, _, value = str(item).lstrip("+~").partition("=")
+        if not key.startswith("hydra."):
+            out[key] = value
+    return out
+
+
+def _metrics(run: Path) -> list[dict]:
+    path = run / "metrics.csv"
+    if not path.exists():
+        return []
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def load_run(run: Path) -> dict:
+    test = json.loads((run / "test.json").read_text()) if (run / "test.json").exists() else None
+    return {"path": run, "overrides": _overrides(run), "test": test, "metrics": _metrics(run)}
+
+
+def _fmt(summary: dict | None) -> tuple[str, float]:
+    if not summary:
+        return "(no test result)", float("nan")
+    scale = 100.0 if summary["metric"] == "acc" else 1.0
+    return f"{summary['mean'] * scale:.4f} ± {summary['ci95'] * scale:.4f}", summary["mean"]
+
+
+def table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
+    keys = sorted({k for r in runs for k in r["overrides"]})
+    swept = [k for k in keys if len({r["overrides"].get(k) for r in runs}) > 1] or keys
+    metric = next((r["test"]["metric"] for r in runs if r["test"]), "metric")
+    higher_better = metric == "acc"
+
+    def order(r: dict) -> float:
+        mean = r["test"]["mean"] if r["test"] else float("nan")
+        if not math.isfinite(mean):
+            return math.inf
+        return -mean if higher_better else mean
+
+    header = ["run", *swept, f"test {metric}{' %' if metric == 'acc' else ''} ± 95% CI", "steps", "wall time (s)"]
+    rows = []
+    for r in sorted(runs, key=order):
+        text, _ = _fmt(r["test"])
+        test = r["test"] or {}
+        steps = test.get("steps", "")
+        wall = test.get("train_seconds")
+        rows.append([r["path"].name, *(r["overrides"].get(k, "") for k in swept), text, str(steps),
+                     f"{wall:.0f}" if isinstance(wall, (int, float)) else ""])
+    return header, rows
+
+
+def write_tables(header: list[str], rows: list[list[str]], out: Path, title: str) -> None:
+    lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    with (out / "report.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _label(run: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in run["overrides"].items()) or run["path"].name
+
+
+def plot_val_curves(runs: list[dict], out: Path, title: str) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = next((r["test"]["metric"] for r in runs if r["test"]), None)
+    key = f"val/{metric}" if metric else None
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    drawn = 0
+    for run in runs:
+        points = [(int(row["step"]), float(row[key])) for row in run["metrics"] if key and row.get(key)]
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, [v * (100 if metric == "acc" else 1) for v in values], marker="o", markersize=3, label=_label(run))
+            drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("meta-iteration")
+    ax.set_ylabel(f"validation {metric}{' (%)' if metric == 'acc' else ''}")
+    if metric == "mse":
+        ax.set_yscale("log")
+    ax.set_title(f"Meta-validation curves: {title}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    path = out / "report_val_curves.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_against_hyperparameters(runs: list[dict], out: Path, title: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({k for r in runs for k in r["overrides"]})
+    swept = [k for k in keys if len({r["overrides"].get(k) for r in runs}) > 1]
+    paths = []
+    for key in swept:
+        groups: dict[str, list[float]] = {}
+        for run in runs:
+            if run["test"] and math.isfinite(run["test"]["mean"]):
+                groups.setdefault(run["overrides"].get(key, ""), []).append(run["test"]["mean"])
+        if not groups:
+            continue
+        metric = next(r["test"]["metric"] for r in runs if r["test"])
+        scale = 100.0 if metric == "acc" else 1.0
+        labels = sorted(groups, key=lambda v: (not _is_number(v), float(v) if _is_number(v) else 0, v))
+        means = [scale * sum(groups[v]) / len(groups[v]) for v in labels]
+        errors = [scale * _ci(groups[v]) for v in labels]
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        ax.errorbar(range(len(labels)), means, yerr=errors, fmt="o-", capsize=4, label="mean over runs ± 95% CI")
+        for i, v in enumerate(labels):
+            ax.scatter([i] * len(groups[v]), [scale * x for x in groups[v]], color="gray", s=12, alpha=0.6,
+                       label="single run" if i == 0 else None)
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_xlabel(key)
+        ax.set_ylabel(f"test {metric}{' (%)' if metric == 'acc' else ''}")
+        ax.set_title(f"Test {metric} against {key}: {title}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        path = out / f"report_{key.replace('/', '_').replace('.', '_')}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _is_number(value: str) -> bool:
+    try:
+        float(value)
+        return True
+    except ValueError:
+        return False
+
+
+def _ci(values: list[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return 1.96 * math.sqrt(var / len(values))
+
+
+def plot_sinusoid(runs: list[dict], out: Path, title: str, max_runs: int = 12) -> Path | None:
+    """The MAML paper's Figure 2 view for each sinusoid run with a checkpoint."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    from omegaconf import OmegaConf
+
+    from metalearn_cli.algorithms.inner_optim import InnerSGD
+    from metalearn_cli.build import build_experiment
+    from metalearn_cli.checkpointing import read_checkpoint
+    from metalearn_cli.samplers import generator_for
+
+    chosen = []
+    for run in runs:
+        ckpt = run["path"] / "checkpoints" / "best.ckpt"
+        ckpt = ckpt if ckpt.exists() else run["path"] / "checkpoints" / "last.ckpt"
+        if run["test"] and run["test"].get("data") == "sinusoid" and ckpt.exists():
+            chosen.append((run, ckpt))
+    if not chosen:
+        return None
+    chosen = chosen[:max_runs]
+    cols = min(3, len(chosen))
+    rows = -(-len(chosen) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for ax, (run, ckpt) in zip(axes.flat, chosen):
+        try:
+            checkpoint = read_checkpoint(ckpt, "ckpt")
+            cfg = OmegaConf.create(checkpoint["metalearn"]["config"])
+            experiment = build_experiment(cfg)
+            experiment.module.load_state_dict(checkpoint["state_dict"])
+        except (MetalearnError, RuntimeError) as error:  # e.g. a checkpoint of an older metalearn
+            print(f"skipping the sinusoid plot of {run['path']}: {' '.join(str(error).split())[:200]}", file=sys.stderr)
+            ax.axis("off")
+            continue
+        fmodel, algo, source = experiment.module.fmodel, experiment.algorithm, experiment.source
+        generator = generator_for(int(cfg.eval.task_seed), "test", 0)
+        amplitude, phase = source.functions(generator, 1)
+        x_support = source._uniform(generator, source.x_range, experiment.sampler.shots, 1)
+        y_support = amplitude[0] * torch.sin(x_support - phase[0])
+        grid = torch.linspace(*source.x_range, 200).unsqueeze(1)
+        params = {k: v.detach() for k, v in fmodel.params().items()}
+        optimizer, state = InnerSGD(algo.eval_inner_lr), {"buffer": None}
+        ax.plot(grid, amplitude[0] * torch.sin(grid - phase[0]), color="red", label="ground truth")
+        ax.plot(grid, fmodel(params, grid).detach(), ":", color="green", label="pre-update")
+        for step in range(1, 11):
+            grads = torch.func.grad(fmodel.loss)(params, x_support, y_support, step - 1)
+            params, state = optimizer.step(params, grads, state)
+            if step in (1, 10):
+                ax.plot(grid, fmodel(params, grid).detach(), "--" if step == 1 else "-",
+                        color="tab:blue" if step == 1 else "navy", label=f"after {step} step{'s' if step > 1 else ''}")
+        ax.scatter(x_support, y_support, marker="^", color="purple", zorder=5, label=f"{len(x_support)} support points")
+        ax.set_title(_label(run) or run["path"].name, fontsize=9)
+        ax.set_xlabel("x")
+        ax.set_ylabel("y")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(chosen):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"Sinusoid adaptation (test task 0, inner lr {algo.eval_inner_lr}): {title}")
+    fig.tight_layout()
+    path = out / "report_sinusoid.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="metalearn report", description="Tables and plots of a sweep or of run folders.")
+    parser.add_argument("paths", nargs="+", type=Path, help="a sweep folder (multirun/<date>/<time>) or run folders")
+    parser.add_argument("--out", type=Path, help="where to write the report (default: the first path)")
+    args = parser.parse_args(argv)
+    try:
+        runs = [load_run(r) for r in find_runs(args.paths)]
+        out = args.out or (args.paths[0] if args.paths[0].is_dir() else args.paths[0].parent)
+        out.mkdir(parents=True, exist_ok=True)
+        title = " + ".join(str(p) for p in args.paths)
+        header, rows = table(runs)
+        write_tables(header, rows, out, f"Sweep report: {title}")
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+        print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+        for row in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+        written = [out / "report.md", out / "report.csv"]
+        written += [p for p in [plot_val_curves(runs, out, title)] if p]
+        written += plot_against_hyperparameters(runs, out, title)
+        written += [p for p in [plot_sinusoid(runs, out, title)] if p]
+        print("wrote " + ", ".join(str(p) for p in written))
+    except MetalearnError as error:
+        report_error(error)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
