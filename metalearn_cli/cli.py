@@ -20,6 +20,44 @@ commands:
 Each command takes Hydra overrides (algo=reptile seed=3), -m for sweeps, --cfg job, --help, --info.
 """
 
+#: Hydra plugins that configs may name, with the module that provides them and the package to install
+PLUGINS = {
+    "hydra/launcher=joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
+    "hydra/launcher=submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "hydra/launcher=submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "hydra/launcher=ray": ("hydra_plugins.hydra_ray_launcher", "hydra-ray-launcher"),
+    "hydra/launcher=rq": ("hydra_plugins.hydra_rq_launcher", "hydra-rq-launcher"),
+    "hydra/sweeper=optuna": ("hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper"),
+    "hparams_search=optuna": ("hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper"),
+    "hydra/sweeper=ax": ("hydra_plugins.hydra_ax_sweeper", "hydra-ax-sweeper"),
+    "hydra/sweeper=nevergrad": ("hydra_plugins.hydra_nevergrad_sweeper", "hydra-nevergrad-sweeper"),
+}
+
+
+def missing_plugin(args: list[str], importable=None) -> str | None:
+    """The error for a Hydra plugin named on the command line but not installed, else None."""
+    import importlib.util
+
+    def default_importable(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            return False
+
+    importable = importable or default_importable
+    for arg in args:
+        choice = arg.lstrip("+~").replace(" ", "")
+        if choice in PLUGINS:
+            module, package = PLUGINS[choice]
+            if not importable(module):
+                return (
+                    f"`{choice}` needs the Hydra plugin package {package}, which is not installed. "
+                    f"Install it with `pip install {package}` (or `pip install 'metalearn[cluster]'` for the "
+                    "joblib, submitit and Optuna plugins), then run the command again."
+                )
+    return None
+
+
 COMMANDS = {
     "train": "metalearn_cli.train",
     "eval": "metalearn_cli.evaluate",
@@ -44,6 +82,10 @@ def main() -> None:
     import importlib
     import importlib.util
 
+    problem = missing_plugin(args[1:])
+    if problem:
+        print(f"Error: {problem}", file=sys.stderr)
+        sys.exit(2)
     if command in ("bench", "report"):  # plain argparse tools, not Hydra apps
         importlib.import_module(COMMANDS[command]).main(args[1:])
         return

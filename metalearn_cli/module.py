@@ -4,6 +4,7 @@ to fixed tasks and report the metric after each inner step with a 95% confidence
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import pytorch_lightning as pl
@@ -44,6 +45,7 @@ class MetaLearner(pl.LightningModule):
         self.automatic_optimization = False  # Reptile's update is not a loss; MAML's is one backward
         self._scores: dict[str, list[torch.Tensor]] = {"val": [], "test": []}
         self._plain_backward = False
+        self._last_log_time: float | None = None
         self.summaries: dict[str, dict] = {}
 
     # -- optimisation ------------------------------------------------------------------------
@@ -75,8 +77,15 @@ class MetaLearner(pl.LightningModule):
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:  # Lightning writes logs only then
-            self.log_dict({f"train/{k}": v for k, v in step.metrics.items()}, prog_bar=True, batch_size=batch.num_tasks)
+        every = self.trainer.log_every_n_steps
+        if (self.global_step + 1) % every == 0:  # Lightning writes logs only then
+            now = time.perf_counter()
+            values = {f"train/{k}": v for k, v in step.metrics.items()}
+            values["train/lr"] = optimizer.param_groups[0]["lr"]
+            if self._last_log_time is not None:
+                values["train/seconds_per_iteration"] = (now - self._last_log_time) / every
+            self._last_log_time = now
+            self.log_dict(values, prog_bar=True, batch_size=batch.num_tasks)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         if isinstance(batch, TaskBatch):  # a direct move: Lightning's generic one deep-copies the dataclass

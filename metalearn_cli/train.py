@@ -16,7 +16,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from metalearn_cli.build import build_experiment, build_trainer
 from metalearn_cli.checkpointing import RunCheckpoints, read_checkpoint
 from metalearn_cli.console import quiet_third_party
-from metalearn_cli.errors import exits_cleanly
+from metalearn_cli.errors import MetalearnError, exits_cleanly
 from metalearn_cli.interrupts import StopRequest
 from metalearn_cli.run_folder import write_json_atomic
 from metalearn_cli.stats import format_table
@@ -37,6 +37,7 @@ def train(cfg: DictConfig) -> float | None:
     choices = group_choices()
     experiment = build_experiment(cfg, choices)
     trainer = build_trainer(cfg, run_dir, experiment, training=True)
+    refuse_relaunch_in_a_sweep(trainer)
     checkpoints = next(cb for cb in trainer.callbacks if isinstance(cb, RunCheckpoints))
     started = time.time()
     with StopRequest() as stop:
@@ -62,9 +63,51 @@ def train(cfg: DictConfig) -> float | None:
     summary.update(steps=int(trainer.global_step), train_seconds=round(train_seconds, 1),
                    best_val=checkpoints.best_score, best_step=checkpoints.best_step)
     write_json_atomic(run_dir / "test.json", summary)
+    log_hyperparameters(trainer, cfg, choices, summary)
     print(format_table(summary))
     print(f"{describe_result(summary)} | run folder: {run_dir}")
-    return checkpoints.best_score
+    return objective_value(checkpoints.best_score, experiment.source.objective.mode)
+
+
+def objective_value(best_val: float | None, mode: str) -> float | None:
+    """What sweepers minimise: the best validation metric, negated where larger is better (accuracy)."""
+    if best_val is None:
+        return None
+    return best_val if mode == "min" else -best_val
+
+
+def refuse_relaunch_in_a_sweep(trainer: pl.Trainer) -> None:
+    """Lightning starts DDP ranks by re-running the command line; inside a local -m sweep every rank
+    would start the sweep again (Lightning issue 11300, Hydra issue 2070)."""
+    from hydra.types import RunMode
+    from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    if HydraConfig.get().mode == RunMode.MULTIRUN and isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher):
+        raise MetalearnError(
+            f"a multi-process trainer (trainer.devices={trainer.num_devices}, trainer.num_nodes={trainer.num_nodes}) "
+            "cannot run inside a local -m sweep: Lightning starts the other ranks by re-running the command line, "
+            "which would start the sweep again in every rank. Run the configurations one by one without -m, or "
+            "sweep with hydra/launcher=submitit_slurm, where SLURM starts the ranks of each job."
+        )
+
+
+def log_hyperparameters(trainer: pl.Trainer, cfg: DictConfig, choices: dict, summary: dict) -> None:
+    """The run's settings and final metrics in TensorBoard's HParams tab (compare a sweep there)."""
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    flat = {f"group/{k}": v for k, v in choices.items() if v is not None}
+    for section in ("algo", "sampler", "model", "trainer", "data"):
+        for key, value in (cfg.get(section) or {}).items():
+            if not str(key).startswith("_") and isinstance(value, (int, float, str, bool)):
+                flat[f"{section}.{key}"] = value
+    flat["seed"] = int(cfg.seed)
+    metric = summary["metric"]
+    metrics = {f"hp/test_{metric}": summary["mean"], f"hp/test_{metric}_ci95": summary["ci95"]}
+    if summary.get("best_val") is not None:
+        metrics[f"hp/best_val_{metric}"] = summary["best_val"]
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(flat, metrics)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://metalearn_cli.configs", config_name="train")
