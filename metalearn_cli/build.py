@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
@@ -30,16 +31,37 @@ class Experiment:
     datamodule: TaskDataModule
 
 
+def _build(cfg: DictConfig, group: str, **kwargs):
+    """instantiate(cfg.<group>), with a user's mistake reported as a MetalearnError, not a traceback."""
+    try:
+        return instantiate(cfg[group], _convert_="all", **kwargs)
+    except InstantiationException as error:
+        cause = error.__cause__
+        if isinstance(cause, MetalearnError):
+            raise cause from None
+        if isinstance(cause, (TypeError, ValueError)):
+            raise MetalearnError(
+                f"the `{group}` config could not be built: {' '.join(str(cause).split())}. "
+                f"Check the `{group}.*` keys (metalearn train --cfg job shows them)."
+            ) from None
+        raise
+
+
 def build_experiment(cfg: DictConfig, choices: dict | None = None) -> Experiment:
     check_config(cfg)
-    source: TaskSource = instantiate(cfg.data, _convert_="all")
+    source: TaskSource = _build(cfg, "data")
     check_against_data(cfg, source.objective)
-    sampler: EpisodicSampler = instantiate(cfg.sampler, source=source)
+    if cfg.model.get("_target_", "").endswith("Conv4") and len(source.input_shape) != 3:
+        raise MetalearnError(
+            f"`model=conv4` needs images, but the data gives inputs of shape {tuple(source.input_shape)}. "
+            "Use model=mlp for this data, or an image data set (data=omniglot, folder, mnist, cifar_fs, miniimagenet)."
+        )
+    sampler: EpisodicSampler = _build(cfg, "sampler", source=source)
     if hasattr(source, "check_task_shape"):
         shots = {"train": sampler.train_shots, "val": sampler.shots, "test": sampler.shots}
         source.check_task_shape(sampler.ways, shots, sampler.queries)
-    model = instantiate(cfg.model, input_shape=source.input_shape, out_features=source.output_dim(sampler.ways))
-    algorithm: Algorithm = instantiate(cfg.algo, _convert_="all")
+    model = _build(cfg, "model", input_shape=source.input_shape, out_features=source.output_dim(sampler.ways))
+    algorithm: Algorithm = _build(cfg, "algo")
     metadata = {
         "version": __version__,
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -70,6 +92,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path | None, experiment: Experiment,
                 monitor=f"val/{objective.metric_name}",
                 mode=objective.mode,
                 every_n_steps=cfg.checkpoint.every_n_steps or 0,
+                keep_all=bool(cfg.checkpoint.get("keep_all", False)),
             )
         )
         loggers = [instantiate(conf) for conf in cfg.logger.values()] if cfg.get("logger") else False

@@ -5,6 +5,7 @@ and renamed, so an interrupted write never leaves a corrupt checkpoint behind.""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,12 @@ import pytorch_lightning as pl
 
 
 class RunCheckpoints(pl.Callback):
-    def __init__(self, dirpath: str | Path, monitor: str, mode: str, every_n_steps: int, stop: Any = None) -> None:
+    def __init__(
+        self, dirpath: str | Path, monitor: str, mode: str, every_n_steps: int, stop: Any = None, keep_all: bool = False
+    ) -> None:
         self.dirpath = Path(dirpath)
+        #: also keep every periodic checkpoint as step-NNNNNNN.ckpt (for learning curves, or to restart from any of them)
+        self.keep_all = keep_all
         #: a StopRequest: when set, save last.ckpt after the current meta-iteration and stop
         self.stop = stop
         self.monitor = monitor
@@ -40,6 +45,11 @@ class RunCheckpoints(pl.Callback):
     def save_last(self, trainer: pl.Trainer) -> None:
         self.save(trainer, self.last_path)
         self._last_saved_step = trainer.global_step
+        if self.keep_all and trainer.is_global_zero:
+            kept = self.dirpath / f"step-{trainer.global_step:07d}.ckpt"
+            tmp = kept.with_name(f".{kept.name}.tmp-{os.getpid()}")
+            shutil.copyfile(self.last_path, tmp)
+            os.replace(tmp, kept)
 
     def _improved(self, score: float) -> bool:
         if score != score or score in (float("inf"), float("-inf")):

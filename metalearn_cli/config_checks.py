@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metalearn_cli.algorithms.base import VECTORIZE_CHOICES
 from metalearn_cli.errors import MetalearnError
+from metalearn_cli.models import BN_MODES
 from metalearn_cli.tasks import Objective
 
 
@@ -74,6 +75,15 @@ def check_config(cfg: DictConfig) -> None:
     positive_int(cfg, "eval.batch_tasks", "tasks evaluated together")
     positive_int(cfg, "eval.task_seed", "the seed that fixes validation and test tasks", minimum=0)
     positive_int(cfg, "checkpoint.every_n_steps", "meta-iterations between saves of last.ckpt", optional=True, minimum=0)
+    if _value(cfg, "model.bn") is not None:
+        one_of(cfg, "model.bn", BN_MODES)
+    if _value(cfg, "model.downsample") is not None:
+        one_of(cfg, "model.downsample", ("stride", "maxpool"))
+    if _value(cfg, "model.pool") is not None:
+        one_of(cfg, "model.pool", ("mean", "flatten"))
+    positive_int(cfg, "model.channels", "filters per convolution", optional=True)
+    if _value(cfg, "algo.head") is not None:
+        one_of(cfg, "algo.head", ("linear", "cosine"))
 
 
 def check_against_data(cfg: DictConfig, objective: Objective) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from metalearn_cli.errors import MetalearnError, report
 
@@ -56,37 +56,77 @@ def ensure_writable(folder: Path, key: str) -> None:
         ) from None
 
 
-class RunFolderGuard(Callback):
-    """Hydra callback that checks the output folder before Hydra writes anything into it.
+#: marker a process creates (O_EXCL) to own a run or sweep folder
+CLAIM = ".metalearn-claim"
 
-    A training run never reuses a folder that already holds a run (`.hydra/config.yaml`),
-    so an explicit `hydra.run.dir=` can not overwrite an earlier run's config or checkpoints.
+
+def claim_folder(path: Path) -> bool:
+    """Atomically take `path` for this process: False if another process already took it."""
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path / CLAIM, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        return True
+    except FileExistsError:
+        return False
+
+
+class RunFolderGuard(Callback):
+    """Hydra callback that takes the output folder before Hydra writes anything into it.
+
+    * A folder is claimed atomically, so two runs (or sweeps) started in the same second never share
+      `outputs/<date>/<time>/` (Hydra issue 2925): the later one gets `<time>-1`, `<time>-2`, ...
+    * A folder named explicitly with `hydra.run.dir=` that already holds a run is refused: metalearn
+      never overwrites an earlier run's config or checkpoints.
+    * A folder that cannot be written is reported before anything starts.
     """
 
     def __init__(self, refuse_existing_run: bool = True) -> None:
         self.refuse_existing_run = refuse_existing_run
 
-    def _check(self, folder: str, key: str, is_run: bool) -> None:
-        path = Path(folder).expanduser().absolute()
+    @staticmethod
+    def _explicit(config: DictConfig, key: str) -> bool:
+        overrides = OmegaConf.select(config, "hydra.overrides.hydra", default=[]) or []
+        return any(str(o).lstrip("+~").startswith(f"{key}=") for o in overrides)
+
+    def _take(self, config: DictConfig, key: str, is_run: bool) -> None:
+        path = Path(str(OmegaConf.select(config, key))).expanduser().absolute()
         try:
-            if is_run and self.refuse_existing_run and (path / ".hydra" / "config.yaml").exists():
+            if not self.refuse_existing_run:
+                ensure_writable(path, key)
+                return
+            explicit = self._explicit(config, key)
+            if is_run and explicit and (path / ".hydra" / "config.yaml").exists():
                 raise MetalearnError(
                     f"`{key}` = {str(path)!r} already holds a run; metalearn never overwrites one. "
                     "Leave hydra.run.dir unset for a fresh dated folder, or name a new folder. "
                     "To continue that run, pass `ckpt_path=<run>/checkpoints/last.ckpt` (it continues in a new folder)."
                 )
-            ensure_writable(path, key)
+            candidate, n = path, 0
+            while not claim_folder(candidate):
+                if explicit:
+                    raise MetalearnError(
+                        f"`{key}` = {str(path)!r} is already used by another run or sweep; metalearn never writes "
+                        f"two runs into one folder. Name a new folder, or leave {key} unset for a fresh dated one."
+                    )
+                n += 1  # a dated folder taken in the same second: the next free one
+                candidate = path.with_name(f"{path.name}-{n}")
+            ensure_writable(candidate, key)
         except MetalearnError as error:
             report(error)
             sys.exit(2)
+        except OSError as error:
+            report(MetalearnError(f"the output folder `{key}` = {str(path)!r} cannot be written ({error.strerror or error})."))
+            sys.exit(2)
+        with read_write(config), open_dict(config):  # a concrete path: sweep workers must not re-evaluate ${now:...}
+            OmegaConf.update(config, key, str(candidate))
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
             return  # a DDP rank started by Lightning inside the run folder of rank 0
-        self._check(OmegaConf.select(config, "hydra.run.dir"), "hydra.run.dir", is_run=True)
+        self._take(config, "hydra.run.dir", is_run=True)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(OmegaConf.select(config, "hydra.sweep.dir"), "hydra.sweep.dir", is_run=False)
+        self._take(config, "hydra.sweep.dir", is_run=False)
 
 
 def register_resolvers() -> None:

@@ -15,6 +15,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from metalearn_cli.build import build_experiment, build_trainer
 from metalearn_cli.checkpointing import RunCheckpoints, read_checkpoint
+from metalearn_cli.config_checks import check_config
 from metalearn_cli.console import quiet_third_party
 from metalearn_cli.errors import MetalearnError, exits_cleanly
 from metalearn_cli.interrupts import StopRequest
@@ -31,6 +32,7 @@ def group_choices() -> dict:
 def train(cfg: DictConfig) -> float | None:
     quiet_third_party()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    check_config(cfg)  # before anything uses a value (seed_everything rejects a negative seed with a traceback)
     if cfg.ckpt_path is not None:
         read_checkpoint(cfg.ckpt_path, "ckpt_path")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)

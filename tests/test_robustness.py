@@ -1,0 +1,142 @@
+"""Runs that survive: exact resume, kills mid-write, numerical faults, concurrency, random bad input."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from omegaconf import OmegaConf
+
+from conftest import FAST, metalearn_executable
+from metalearn_cli.run_folder import RunFolderGuard
+
+COMMON = ["trainer.val_check_interval=4", "trainer.enable_progress_bar=false", "eval.num_tasks=4", "eval.val_tasks=4"]
+
+
+def _env():
+    return dict(os.environ, PYTHONWARNINGS="ignore")
+
+
+def test_reptile_resume_is_bit_identical(run_cli, tmp_path):
+    """Reptile: a run resumed from its step-3 checkpoint ends exactly as the uninterrupted one, with
+    the annealed meta step size and the inner mini-batches continuing where they were."""
+    args = ["algo=reptile", "algo.inner_batch_size=4", "checkpoint.every_n_steps=3", "trainer.max_steps=8", *COMMON]
+    run_cli("train", *args, "checkpoint.keep_all=true", "hydra.run.dir=full", check=True)
+    assert sorted(p.name for p in (tmp_path / "full/checkpoints").glob("step-*")) == ["step-0000003.ckpt", "step-0000006.ckpt", "step-0000008.ckpt"]
+    run_cli("train", *args, "hydra.run.dir=resumed", f"ckpt_path={tmp_path}/full/checkpoints/step-0000003.ckpt", check=True)
+    full = torch.load(tmp_path / "full/checkpoints/last.ckpt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=True)
+    for key, value in full["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), key
+    assert resumed["lr_schedulers"][0]["last_epoch"] == full["lr_schedulers"][0]["last_epoch"] == 8
+    assert json.loads((tmp_path / "full/test.json").read_text())["per_step"] == json.loads((tmp_path / "resumed/test.json").read_text())["per_step"]
+
+
+def test_sigkill_never_leaves_a_corrupt_checkpoint(tmp_path):
+    """Kill a run that writes last.ckpt every meta-iteration at random moments: every last.ckpt loads."""
+    rng = random.Random(0)
+    for attempt in range(3):
+        run = tmp_path / f"run{attempt}"
+        proc = subprocess.Popen([metalearn_executable(), "train", *COMMON, "trainer.max_steps=100000",
+                                 "checkpoint.every_n_steps=1", f"hydra.run.dir={run}"],
+                                env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while not (run / "checkpoints" / "last.ckpt").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(rng.uniform(0.2, 1.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+        assert checkpoint["global_step"] >= 1 and "metalearn" in checkpoint
+
+
+def test_a_nan_loss_stops_with_the_step_and_the_cause(run_cli, tmp_path):
+    proc = run_cli("train", *COMMON, "trainer.max_steps=50", "checkpoint.every_n_steps=1", "algo.outer_lr=1e6",
+                   "algo.inner_lr=1000", "hydra.run.dir=run")
+    err = proc.stderr + proc.stdout
+    assert proc.returncode == 2 and "Traceback" not in err
+    assert "meta-iteration" in err and "learning rate" in err and "algo.inner_lr=1000" in err
+    checkpoint = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values()), "the last good weights are kept"
+
+
+def test_runs_started_together_get_their_own_folders(tmp_path):
+    procs = [subprocess.Popen([metalearn_executable(), "train", *FAST], cwd=tmp_path, env=_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    runs = sorted(p.parent.parent for p in (tmp_path / "outputs").rglob(".hydra/config.yaml"))
+    assert len(runs) == 3 and all((r / "test.json").exists() for r in runs)
+
+
+def test_a_taken_dated_folder_gets_a_suffix_and_an_explicit_one_is_refused(tmp_path):
+    guard = RunFolderGuard()
+
+    def config(run_dir, explicit):
+        overrides = [f"hydra.run.dir={run_dir}"] if explicit else []
+        return OmegaConf.create({"hydra": {"run": {"dir": str(run_dir)}, "overrides": {"hydra": overrides}}})
+
+    first, second = config(tmp_path / "12-00-00", False), config(tmp_path / "12-00-00", False)
+    guard.on_run_start(first)
+    guard.on_run_start(second)
+    assert first.hydra.run.dir == str(tmp_path / "12-00-00") and second.hydra.run.dir == str(tmp_path / "12-00-00-1")
+    with pytest.raises(SystemExit):
+        guard.on_run_start(config(tmp_path / "12-00-00", True))
+
+
+def test_concurrent_evals_of_one_checkpoint(run_cli, tmp_path):
+    run_cli("train", *FAST, "hydra.run.dir=run", check=True)
+    ckpt = f"ckpt={tmp_path}/run/checkpoints/last.ckpt"
+    procs = [subprocess.Popen([metalearn_executable(), "eval", ckpt, f"eval.num_tasks={n}", "algo.eval_inner_steps=2"],
+                              cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for n in (20, 30)]
+    for proc in procs:
+        proc.communicate(timeout=300)
+        assert proc.returncode == 0
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())  # whole, from one of the two
+    assert report["num_tasks"] in (20, 30) and len(report["per_step"]) == 3
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".eval.json")]
+
+
+# -- random overrides from the real config groups -----------------------------------------------
+OVERRIDES = st.fixed_dictionaries(
+    {},
+    optional={
+        "algo": st.sampled_from(["maml", "fomaml", "reptile", "finetune", "protonet"]),
+        "model": st.sampled_from(["mlp", "conv4", "resnet"]),
+        "sampler.shots": st.sampled_from(["-1", "0", "1", "3", "abc"]),
+        "sampler.queries": st.sampled_from(["0", "2", "null"]),
+        "sampler.ways": st.sampled_from(["null", "1", "3"]),
+        "sampler.meta_batch_size": st.sampled_from(["0", "1", "2"]),
+        "algo.inner_lr": st.sampled_from(["-0.5", "0", "0.01", "1e12", "fast"]),
+        "algo.inner_steps": st.sampled_from(["-1", "0", "1", "2"]),
+        "algo.eval_inner_steps": st.sampled_from(["0", "1", "2"]),
+        "algo.vectorize": st.sampled_from(["auto", "batched", "vmap", "loop", "gpu"]),
+        "trainer.max_steps": st.sampled_from(["0", "1", "2"]),
+        "seed": st.sampled_from(["-3", "0", "7"]),
+    },
+)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(OVERRIDES)
+def test_random_overrides_train_or_fail_cleanly(tmp_path_factory, overrides):
+    cwd = tmp_path_factory.mktemp("random")
+    args = [f"{k}={v}" for k, v in overrides.items()]
+    proc = subprocess.run([metalearn_executable(), "train", "trainer.val_check_interval=1", "eval.num_tasks=3",
+                           "eval.val_tasks=3", "trainer.enable_progress_bar=false", "trainer.max_steps=1", *args],
+                          cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
+    err = proc.stderr
+    if proc.returncode == 0:
+        assert list(cwd.rglob("test.json")), "a run that succeeds leaves its result"
+        return
+    assert "Traceback" not in err, f"{args}\n{err}"
+    named = [k for k in overrides if k in err or k.split(".")[0] in err]
+    assert named, f"the error names none of the keys {args}:\n{err}"
