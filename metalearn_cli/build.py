@@ -1,25 +1,32 @@
-"""The one place where a composed config becomes objects (every `_target_` is instantiated here)."""
+"""The one place where a composed config becomes objects (every `_target_` is instantiated here).
+
+Building happens in two phases so that bad input fails fast: `build_tasks` (the data and the
+sampler: everything a user's data and shape settings can get wrong) needs only torch;
+`build_experiment` and `build_trainer` then bring in Lightning.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pytorch_lightning as pl
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from metalearn_cli import __version__
-from metalearn_cli.algorithms.base import Algorithm
-from metalearn_cli.checkpointing import RunCheckpoints
 from metalearn_cli.config_checks import check_against_data, check_config
-from metalearn_cli.data.base import TaskSource
-from metalearn_cli.datamodule import TaskDataModule
 from metalearn_cli.errors import MetalearnError
-from metalearn_cli.module import MetaLearner
-from metalearn_cli.samplers import EpisodicSampler
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
+    from metalearn_cli.algorithms.base import Algorithm
+    from metalearn_cli.data.base import TaskSource
+    from metalearn_cli.datamodule import TaskDataModule
+    from metalearn_cli.module import MetaLearner
+    from metalearn_cli.samplers import EpisodicSampler
 
 
 @dataclass
@@ -47,7 +54,8 @@ def _build(cfg: DictConfig, group: str, **kwargs):
         raise
 
 
-def build_experiment(cfg: DictConfig, choices: dict | None = None) -> Experiment:
+def build_tasks(cfg: DictConfig) -> tuple["TaskSource", "EpisodicSampler"]:
+    """The task distribution and its sampler, with every shape check (no Lightning needed)."""
     check_config(cfg)
     source: TaskSource = _build(cfg, "data")
     check_against_data(cfg, source.objective)
@@ -60,6 +68,15 @@ def build_experiment(cfg: DictConfig, choices: dict | None = None) -> Experiment
     if hasattr(source, "check_task_shape"):
         shots = {"train": sampler.train_shots, "val": sampler.shots, "test": sampler.shots}
         source.check_task_shape(sampler.ways, shots, sampler.queries)
+    return source, sampler
+
+
+def build_experiment(cfg: DictConfig, choices: dict | None = None, tasks: tuple | None = None) -> Experiment:
+    """Everything a run needs but the Trainer; `tasks` reuses the result of build_tasks."""
+    from metalearn_cli.datamodule import TaskDataModule
+    from metalearn_cli.module import MetaLearner
+
+    source, sampler = tasks if tasks is not None else build_tasks(cfg)
     model = _build(cfg, "model", input_shape=source.input_shape, out_features=source.output_dim(sampler.ways))
     algorithm: Algorithm = _build(cfg, "algo")
     metadata = {
@@ -80,8 +97,13 @@ def build_experiment(cfg: DictConfig, choices: dict | None = None) -> Experiment
     return Experiment(source, sampler, algorithm, module, datamodule)
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path | None, experiment: Experiment, training: bool) -> pl.Trainer:
+def build_trainer(cfg: DictConfig, run_dir: Path | None, experiment: Experiment, training: bool) -> "pl.Trainer":
     """A Lightning Trainer from `cfg.trainer`; loggers and checkpoints only when training."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+    from metalearn_cli.checkpointing import RunCheckpoints
+
     callbacks: list[pl.Callback] = []
     loggers = False
     if training:

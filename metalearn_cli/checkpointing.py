@@ -89,31 +89,3 @@ class RunCheckpoints(pl.Callback):
         self.best_score = state_dict.get("best_score")
         self.best_step = state_dict.get("best_step")
 
-
-def read_checkpoint(path: str | os.PathLike, key: str) -> dict:
-    """Load a metalearn checkpoint on the CPU, or explain clearly why `path` is not one."""
-    import torch
-
-    from metalearn_cli.errors import MetalearnError
-    from metalearn_cli.module import CHECKPOINT_KEY
-
-    file = Path(str(path)).expanduser()
-    example = f"`{key}=outputs/<date>/<time>/checkpoints/last.ckpt`"
-    if not file.exists():
-        raise MetalearnError(f"`{key}` = {str(path)!r} does not exist. Pass a checkpoint written by `metalearn train`, e.g. {example}.")
-    if not file.is_file():
-        raise MetalearnError(f"`{key}` = {str(path)!r} is a folder, not a checkpoint file. Pass e.g. {example}.")
-    try:
-        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise MetalearnError(
-            f"`{key}` = {str(path)!r} cannot be read as a checkpoint: it is truncated, corrupt or not a "
-            f"PyTorch file ({reason[:160]}). Use another checkpoint of the run, e.g. best.ckpt or last.ckpt."
-        ) from None
-    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint or "state_dict" not in checkpoint:
-        raise MetalearnError(
-            f"`{key}` = {str(path)!r} is not a metalearn checkpoint: it holds no run config under "
-            f"'{CHECKPOINT_KEY}'. Pass a checkpoint written by `metalearn train`, e.g. {example}."
-        )
-    return checkpoint

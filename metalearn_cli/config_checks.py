@@ -5,12 +5,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 from omegaconf import DictConfig, OmegaConf
 
-from metalearn_cli.algorithms.base import VECTORIZE_CHOICES
 from metalearn_cli.errors import MetalearnError
-from metalearn_cli.models import BN_MODES
-from metalearn_cli.tasks import Objective
+
+if TYPE_CHECKING:
+    from metalearn_cli.tasks import Objective
+
+# This module imports neither torch nor Lightning, so a mistyped value is reported in a second.
+
+#: algo.vectorize: how the tasks of a meta-batch run (see Algorithm.execution)
+VECTORIZE_CHOICES = ("auto", "batched", "vmap", "loop")
+#: model.bn: which statistics batch norm uses at test (see models.MetaBatchNorm2d)
+BN_MODES = ("transductive", "frozen", "per_step")
 
 
 def _value(cfg: DictConfig, key: str) -> Any:
@@ -86,7 +95,7 @@ def check_config(cfg: DictConfig) -> None:
         one_of(cfg, "algo.head", ("linear", "cosine"))
 
 
-def check_against_data(cfg: DictConfig, objective: Objective) -> None:
+def check_against_data(cfg: DictConfig, objective: "Objective") -> None:
     """Checks that depend on the kind of task (classification needs ways and queries)."""
     if objective.name == "classification":
         for key, meaning in (("sampler.ways", "classes per task"), ("sampler.queries", "query examples per class")):

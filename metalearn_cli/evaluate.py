@@ -15,14 +15,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from metalearn_cli.build import build_experiment, build_trainer
-from metalearn_cli.console import quiet_third_party
-from metalearn_cli.checkpointing import read_checkpoint
 from metalearn_cli.errors import MetalearnError, exits_cleanly
-from metalearn_cli.module import CHECKPOINT_KEY
-from metalearn_cli.run_folder import register_resolvers, run_dir_of_checkpoint, write_json_atomic
-from metalearn_cli.stats import format_table
-from metalearn_cli.summary import describe_result, run_summary
+from metalearn_cli.run_folder import CHECKPOINT_KEY, read_checkpoint, register_resolvers, run_dir_of_checkpoint, write_json_atomic
 
 #: keys (or key prefixes ending in '.') that `metalearn eval` may set differently from training
 EVAL_KEYS = (
@@ -84,15 +78,21 @@ def _plain(value: Any) -> Any:
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    quiet_third_party()
     if OmegaConf.is_missing(cfg, "ckpt") or not cfg.ckpt:
         raise MetalearnError("`ckpt` is missing: name the checkpoint to score, e.g. `metalearn eval ckpt=outputs/<date>/<time>/checkpoints/last.ckpt`.")
-    checkpoint = read_checkpoint(cfg.ckpt, "ckpt")
+    checkpoint = read_checkpoint(cfg.ckpt, "ckpt")  # torch only; Lightning comes after every check
     record = checkpoint[CHECKPOINT_KEY]
     saved = OmegaConf.create(record["config"])
     choices = dict(record.get("choices", {}))
     run_cfg = merge_eval_overrides(saved, cfg, list(HydraConfig.get().overrides.task), choices)
-    experiment = build_experiment(run_cfg, choices)
+    from metalearn_cli.build import build_experiment, build_tasks, build_trainer
+    from metalearn_cli.console import quiet_third_party
+    from metalearn_cli.stats import format_table
+    from metalearn_cli.summary import describe_result, run_summary
+
+    tasks = build_tasks(run_cfg)
+    quiet_third_party()
+    experiment = build_experiment(run_cfg, choices, tasks)
     try:
         experiment.module.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:

@@ -9,6 +9,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from metalearn_cli.config_checks import BN_MODES
+
 
 class MLP(nn.Module):
     """Fully connected ReLU network; the MAML paper's sinusoid model is MLP((1,), 1, hidden=(40, 40))."""
@@ -27,7 +29,6 @@ class MLP(nn.Module):
         return features if features_only else self.head(features)
 
 
-BN_MODES = ("transductive", "frozen", "per_step")
 
 
 class MetaBatchNorm2d(nn.Module):

@@ -8,18 +8,16 @@ import time
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.plugins.precision import Precision
 import torch
+from pytorch_lightning.plugins.precision import Precision
 from torch import nn
 
 from metalearn_cli.algorithms.base import Algorithm, FunctionalModel
 from metalearn_cli.distributed import all_reduce_mean_, gather_rows
 from metalearn_cli.errors import MetalearnError
+from metalearn_cli.run_folder import CHECKPOINT_KEY
 from metalearn_cli.stats import summarize
 from metalearn_cli.tasks import Objective, TaskBatch
-
-#: key under which a metalearn checkpoint keeps the run's config (how `eval` rebuilds the run)
-CHECKPOINT_KEY = "metalearn"
 
 
 class NonFiniteLoss(MetalearnError):

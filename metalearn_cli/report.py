@@ -208,7 +208,7 @@ def plot_sinusoid(runs: list[dict], out: Path, title: str, max_runs: int = 12) -
 
     from metalearn_cli.algorithms.inner_optim import InnerSGD
     from metalearn_cli.build import build_experiment
-    from metalearn_cli.checkpointing import read_checkpoint
+    from metalearn_cli.run_folder import read_checkpoint
     from metalearn_cli.samplers import generator_for
 
     chosen = []

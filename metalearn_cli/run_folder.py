@@ -14,6 +14,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from metalearn_cli.errors import MetalearnError, report
 
+#: key under which a metalearn checkpoint keeps the run's config (how `eval` rebuilds the run)
+CHECKPOINT_KEY = "metalearn"
+
 
 def run_dir_of_checkpoint(ckpt: str | os.PathLike) -> Path:
     """`<run>/checkpoints/last.ckpt` -> `<run>`; a checkpoint elsewhere -> its own folder."""
@@ -127,6 +130,32 @@ class RunFolderGuard(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._take(config, "hydra.sweep.dir", is_run=False)
+
+
+def read_checkpoint(path: str | os.PathLike, key: str) -> dict:
+    """Load a metalearn checkpoint on the CPU, or explain clearly why `path` is not one."""
+    file = Path(str(path)).expanduser()
+    example = f"`{key}=outputs/<date>/<time>/checkpoints/last.ckpt`"
+    if not file.exists():
+        raise MetalearnError(f"`{key}` = {str(path)!r} does not exist. Pass a checkpoint written by `metalearn train`, e.g. {example}.")
+    if not file.is_file():
+        raise MetalearnError(f"`{key}` = {str(path)!r} is a folder, not a checkpoint file. Pass e.g. {example}.")
+    import torch  # here, not at the top: the checks above need no torch
+
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise MetalearnError(
+            f"`{key}` = {str(path)!r} cannot be read as a checkpoint: it is truncated, corrupt or not a "
+            f"PyTorch file ({reason[:160]}). Use another checkpoint of the run, e.g. best.ckpt or last.ckpt."
+        ) from None
+    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint or "state_dict" not in checkpoint:
+        raise MetalearnError(
+            f"`{key}` = {str(path)!r} is not a metalearn checkpoint: it holds no run config under "
+            f"'{CHECKPOINT_KEY}'. Pass a checkpoint written by `metalearn train`, e.g. {example}."
+        )
+    return checkpoint
 
 
 def register_resolvers() -> None:

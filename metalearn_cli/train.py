@@ -7,21 +7,17 @@ import sys
 import time
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import hydra
-import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
-from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from metalearn_cli.build import build_experiment, build_trainer
-from metalearn_cli.checkpointing import RunCheckpoints, read_checkpoint
 from metalearn_cli.config_checks import check_config
-from metalearn_cli.console import quiet_third_party
 from metalearn_cli.errors import MetalearnError, exits_cleanly
-from metalearn_cli.interrupts import StopRequest
-from metalearn_cli.run_folder import write_json_atomic
-from metalearn_cli.stats import format_table
-from metalearn_cli.summary import describe_result, run_summary
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
 
 
 def group_choices() -> dict:
@@ -30,14 +26,29 @@ def group_choices() -> dict:
 
 
 def train(cfg: DictConfig) -> float | None:
-    quiet_third_party()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    check_config(cfg)  # before anything uses a value (seed_everything rejects a negative seed with a traceback)
+    check_config(cfg)  # first, and before torch and Lightning are imported: bad input fails in a second
+    from metalearn_cli.build import build_tasks
+    from metalearn_cli.run_folder import read_checkpoint
+
     if cfg.ckpt_path is not None:
         read_checkpoint(cfg.ckpt_path, "ckpt_path")
+    tasks = build_tasks(cfg)  # the data and shape checks, before Lightning is imported
+    import pytorch_lightning as pl
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from metalearn_cli.build import build_experiment, build_trainer
+    from metalearn_cli.checkpointing import RunCheckpoints
+    from metalearn_cli.console import quiet_third_party
+    from metalearn_cli.interrupts import StopRequest
+    from metalearn_cli.run_folder import write_json_atomic
+    from metalearn_cli.stats import format_table
+    from metalearn_cli.summary import describe_result, run_summary
+
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    quiet_third_party()
     choices = group_choices()
-    experiment = build_experiment(cfg, choices)
+    experiment = build_experiment(cfg, choices, tasks)
     trainer = build_trainer(cfg, run_dir, experiment, training=True)
     refuse_relaunch_in_a_sweep(trainer)
     checkpoints = next(cb for cb in trainer.callbacks if isinstance(cb, RunCheckpoints))

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from metalearn_cli import batched
+from metalearn_cli.config_checks import VECTORIZE_CHOICES  # noqa: F401  (re-exported)
 from metalearn_cli.algorithms.inner_optim import InnerSGD
 from metalearn_cli.models import MLP, MetaBatchNorm2d
 from metalearn_cli.tasks import Objective, TaskBatch
@@ -21,8 +22,6 @@ Params = dict[str, Tensor]
 #: auto: the largest support set (examples per task) for which grouped convolutions beat the loop
 AUTO_BATCHED_MAX_SUPPORT = 20
 
-#: names accepted by `algo.vectorize`
-VECTORIZE_CHOICES = ("auto", "batched", "vmap", "loop")
 
 
 class FunctionalModel:
