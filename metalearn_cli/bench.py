@@ -206,16 +206,129 @@ def _measure_memory(name: str, impl: str, strategy: str, device: str, steps: int
     tasks = w.tasks(0, dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    for _ in range(steps):
-        model.zero_grad(set_to_none=True)
-        if impl == "reference":
-            reference_step(model, objective, tasks, w.inner_steps, w.inner_lr, w.first_order)
-        else:
-            ours_step(algo, fmodel, tasks)
+    with PeakRSS() as rss:
+        for _ in range(steps):
+            model.zero_grad(set_to_none=True)
+            if impl == "reference":
+                reference_step(model, objective, tasks, w.inner_steps, w.inner_lr, w.first_order)
+            else:
+                ours_step(algo, fmodel, tasks)
     if dev.type == "cuda":
         return torch.cuda.max_memory_allocated(dev) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    return rss.peak_mib
+
+
+class PeakRSS:
+    """Peak resident memory above the level at entry, in MiB, sampled every millisecond from /proc
+    (ru_maxrss cannot be used: importing torch alone peaks higher than a small meta-step)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self.peak_mib = 0.0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * resource.getpagesize()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mib = max(self.peak_mib, (self._rss() - self._base) / 2**20)
+            time.sleep(0.001)
+
+    def __enter__(self) -> "PeakRSS":
+        self._base = self._rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def end_to_end(overrides: list[str], steps: int, warmup: int) -> dict:
+    """ms per meta-iteration through `metalearn train` (Lightning Trainer, logging, checkpoints every
+    1000 steps) against the bare loop over the same experiment: sample, meta-step, backward, optimizer."""
+    import tempfile
+
+    import pytorch_lightning as pl
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from metalearn_cli.build import build_experiment, build_trainer
+    from metalearn_cli.console import quiet_third_party
+
+    quiet_third_party()
+    out = Path(tempfile.mkdtemp(prefix="metalearn-bench-"))
+    GlobalHydra.instance().clear()
+    with initialize_config_module(version_base="1.3", config_module="metalearn_cli.configs"):
+        cfg = compose(config_name="train", return_hydra_config=True, overrides=[
+            *overrides, f"trainer.max_steps={warmup + steps}", "trainer.val_check_interval=1000000",
+            "trainer.enable_progress_bar=false", "eval.num_tasks=2", "eval.val_tasks=2"])
+    cfg.hydra.runtime.output_dir = str(out)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    times: dict[str, float] = {}
+
+    class Clock(pl.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.global_step == warmup:
+                times["start"] = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == warmup + steps:
+                times["end"] = time.perf_counter()
+
+    pl.seed_everything(0, verbose=False)
+    experiment = build_experiment(cfg)
+    trainer = build_trainer(cfg, out, experiment, training=True)
+    trainer.callbacks.append(Clock())
+    trainer.fit(experiment.module, datamodule=experiment.datamodule)
+    lightning_ms = (times["end"] - times["start"]) / steps * 1e3
+    module, sampler, algo = experiment.module, experiment.sampler, experiment.algorithm
+    optimizer = algo.configure_optimizers(module.parameters(), warmup + steps)["optimizer"]
+    for i in range(warmup + steps):
+        if i == warmup:
+            start = time.perf_counter()
+        batch = sampler.train_batch(0, i)
+        step = algo.meta_step(module.fmodel, batch)
+        optimizer.zero_grad(set_to_none=True)
+        step.loss.backward()
+        optimizer.step()
+    bare_ms = (time.perf_counter() - start) / steps * 1e3
+    return {"overrides": overrides, "lightning_ms": lightning_ms, "bare_ms": bare_ms, "fraction": bare_ms / lightning_ms}
+
+
+def sampling_share(root: str, ways: int = 5, shots: int = 1, queries: int = 5, meta_batch: int = 32, repeats: int = 30) -> dict:
+    """Time to draw one Omniglot meta-batch with the real sampler, next to one meta-iteration."""
+    from metalearn_cli.data.omniglot import Omniglot
+    from metalearn_cli.samplers import EpisodicSampler
+
+    sampler = EpisodicSampler(Omniglot(root), shots, queries, meta_batch, ways)
+    for i in range(3):
+        sampler.train_batch(0, i)
+    start = time.perf_counter()
+    for i in range(repeats):
+        batch = sampler.train_batch(0, i)
+    sample_ms = (time.perf_counter() - start) / repeats * 1e3
+    torch.manual_seed(0)
+    model = Conv4((1, 28, 28), ways)
+    algo = MAML(inner_lr=0.4, inner_steps=1, eval_inner_steps=1, outer_lr=1e-3)
+    fmodel = FunctionalModel(model, CLASSIFICATION)
+    times = []
+    for _ in range(5):
+        model.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        ours_step(algo, fmodel, batch)
+        times.append((time.perf_counter() - start) * 1e3)
+    step_ms = statistics.median(times[1:])
+    return {"sample_ms": sample_ms, "step_ms": step_ms, "share": sample_ms / (sample_ms + step_ms)}
 
 
 def machine() -> str:
@@ -242,6 +355,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory (a subprocess per implementation)")
     parser.add_argument("--memory-steps", default="", help="inner steps for a memory sweep, e.g. 1,3,5,10 (mini-5w1s)")
+    parser.add_argument("--end-to-end", action="store_true", help="also time `metalearn train` against the bare loop (sinusoid; Omniglot with --omniglot-root)")
+    parser.add_argument("--omniglot-root", help="the folder holding omniglot-py/: measure the sampler's share of a meta-iteration")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     names = list(WORKLOADS) if args.workloads == ["all"] else args.workloads
@@ -272,8 +387,25 @@ def main(argv: list[str] | None = None) -> None:
             ours = peak_memory(w, "ours", args.strategy, device, inner_steps=k)
             sweep.append({"inner_steps": k, "reference_peak_mib": ref, "ours_peak_mib": ours})
             print(f"  {k:>2} steps: reference {ref:8.0f}  ours {ours:8.0f}")
+    extra: dict = {}
+    if args.omniglot_root:
+        share = sampling_share(args.omniglot_root)
+        extra["sampling"] = share
+        print(f"Omniglot 5-way 1-shot, 5 queries, meta-batch 32: sampling {share['sample_ms']:.1f} ms, "
+              f"meta-iteration {share['step_ms']:.0f} ms: sampling is {100 * share['share']:.1f}% of the total")
+    if args.end_to_end:
+        configs = [["algo=maml"]]
+        if args.omniglot_root:
+            configs.append(["data=omniglot", f"data.root={args.omniglot_root}"])
+        extra["end_to_end"] = []
+        for overrides in configs:
+            steps = 2000 if overrides == ["algo=maml"] else 30
+            r = end_to_end(overrides, steps=steps, warmup=max(5, steps // 10))
+            extra["end_to_end"].append(r)
+            print(f"metalearn train {' '.join(o for o in overrides if 'root' not in o)}: {r['lightning_ms']:.2f} ms/iteration "
+                  f"through Lightning, {r['bare_ms']:.2f} bare: {100 * r['fraction']:.0f}% of the bare speed")
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine(), "results": results, "memory_sweep": sweep}, indent=2))
+        args.json.write_text(json.dumps({"machine": machine(), "results": results, "memory_sweep": sweep, **extra}, indent=2))
 
 
 if __name__ == "__main__":
