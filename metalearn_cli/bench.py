@@ -249,31 +249,28 @@ class PeakRSS:
         self._thread.join()
 
 
-def end_to_end(overrides: list[str], steps: int, warmup: int) -> dict:
+def end_to_end(overrides: list[str], steps: int, warmup: int, rounds: int = 3) -> dict:
     """ms per meta-iteration through `metalearn train` (Lightning Trainer, logging, checkpoints every
-    1000 steps) against the bare loop over the same experiment: sample, meta-step, backward, optimizer."""
+    1000 steps) against the bare loop over the same experiment: sample, meta-step, backward, optimizer.
+    The two alternate `rounds` times in this process; medians."""
     import tempfile
 
     import pytorch_lightning as pl
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
+    from omegaconf import open_dict, read_write
 
     from metalearn_cli.build import build_experiment, build_trainer
+    from metalearn_cli.config_checks import iterations_per_batch
     from metalearn_cli.console import quiet_third_party
 
     quiet_third_party()
-    out = Path(tempfile.mkdtemp(prefix="metalearn-bench-"))
     GlobalHydra.instance().clear()
     with initialize_config_module(version_base="1.3", config_module="metalearn_cli.configs"):
-        cfg = compose(config_name="train", return_hydra_config=True, overrides=[
+        composed = compose(config_name="train", return_hydra_config=True, overrides=[
             *overrides, f"trainer.max_steps={warmup + steps}", "trainer.val_check_interval=1000000",
             "trainer.enable_progress_bar=false", "eval.num_tasks=2", "eval.val_tasks=2"])
-    cfg.hydra.runtime.output_dir = str(out)
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
     times: dict[str, float] = {}
 
     class Clock(pl.Callback):
@@ -285,24 +282,35 @@ def end_to_end(overrides: list[str], steps: int, warmup: int) -> dict:
             if trainer.global_step == warmup + steps:
                 times["end"] = time.perf_counter()
 
-    pl.seed_everything(0, verbose=False)
-    experiment = build_experiment(cfg)
-    trainer = build_trainer(cfg, out, experiment, training=True)
-    trainer.callbacks.append(Clock())
-    trainer.fit(experiment.module, datamodule=experiment.datamodule)
-    lightning_ms = (times["end"] - times["start"]) / steps * 1e3
-    module, sampler, algo = experiment.module, experiment.sampler, experiment.algorithm
-    optimizer = algo.configure_optimizers(module.parameters(), warmup + steps)["optimizer"]
-    for i in range(warmup + steps):
-        if i == warmup:
-            start = time.perf_counter()
-        batch = sampler.train_batch(0, i)
-        step = algo.meta_step(module.fmodel, batch)
-        optimizer.zero_grad(set_to_none=True)
-        step.loss.backward()
-        optimizer.step()
-    bare_ms = (time.perf_counter() - start) / steps * 1e3
-    return {"overrides": overrides, "lightning_ms": lightning_ms, "bare_ms": bare_ms, "fraction": bare_ms / lightning_ms}
+    lightning, bare = [], []
+    for _ in range(rounds):
+        out = Path(tempfile.mkdtemp(prefix="metalearn-bench-"))
+        with read_write(composed.hydra):
+            composed.hydra.runtime.output_dir = str(out)
+        HydraConfig().set_config(composed)
+        cfg = composed.copy()
+        with open_dict(cfg):
+            del cfg["hydra"]
+        pl.seed_everything(0, verbose=False)
+        experiment = build_experiment(cfg)
+        trainer = build_trainer(cfg, out, experiment, training=True)
+        trainer.callbacks.append(Clock())
+        trainer.fit(experiment.module, datamodule=experiment.datamodule)
+        lightning.append((times["end"] - times["start"]) / steps * 1e3)
+        module, sampler, algo = experiment.module, experiment.sampler, experiment.algorithm
+        optimizer = algo.configure_optimizers(module.parameters(), warmup + steps)["optimizer"]
+        for i in range(warmup + steps):
+            if i == warmup:
+                start = time.perf_counter()
+            batch = sampler.train_batch(0, i)
+            step = algo.meta_step(module.fmodel, batch)
+            optimizer.zero_grad(set_to_none=True)
+            step.loss.backward()
+            optimizer.step()
+        bare.append((time.perf_counter() - start) / steps * 1e3)
+    lightning_ms, bare_ms = statistics.median(lightning), statistics.median(bare)
+    return {"overrides": overrides, "iterations_per_batch": iterations_per_batch(cfg), "lightning_ms": lightning_ms,
+            "bare_ms": bare_ms, "fraction": bare_ms / lightning_ms, "lightning_rounds_ms": lightning, "bare_rounds_ms": bare}
 
 
 def sampling_share(root: str, ways: int = 5, shots: int = 1, queries: int = 5, meta_batch: int = 32, repeats: int = 30) -> dict:
@@ -399,10 +407,11 @@ def main(argv: list[str] | None = None) -> None:
             configs.append(["data=omniglot", f"data.root={args.omniglot_root}"])
         extra["end_to_end"] = []
         for overrides in configs:
-            steps = 2000 if overrides == ["algo=maml"] else 30
-            r = end_to_end(overrides, steps=steps, warmup=max(5, steps // 10))
+            steps, warmup = (2000, 200) if overrides == ["algo=maml"] else (30, 5)
+            r = end_to_end(overrides, steps=steps, warmup=warmup)
             extra["end_to_end"].append(r)
-            print(f"metalearn train {' '.join(o for o in overrides if 'root' not in o)}: {r['lightning_ms']:.2f} ms/iteration "
+            print(f"metalearn train {' '.join(o for o in overrides if 'root' not in o)} "
+                  f"(iterations_per_batch={r['iterations_per_batch']}): {r['lightning_ms']:.2f} ms/iteration "
                   f"through Lightning, {r['bare_ms']:.2f} bare: {100 * r['fraction']:.0f}% of the bare speed")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(), "results": results, "memory_sweep": sweep, **extra}, indent=2))

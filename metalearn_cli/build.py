@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from metalearn_cli import __version__
-from metalearn_cli.config_checks import check_against_data, check_config
+from metalearn_cli.config_checks import check_against_data, check_config, iterations_per_batch
 from metalearn_cli.errors import MetalearnError
 
 if TYPE_CHECKING:
@@ -93,6 +93,7 @@ def build_experiment(cfg: DictConfig, choices: dict | None = None, tasks: tuple 
         val_tasks=cfg.eval.val_tasks,
         test_tasks=cfg.eval.num_tasks,
         eval_batch_tasks=cfg.eval.batch_tasks,
+        iterations_per_batch=iterations_per_batch(cfg),
     )
     return Experiment(source, sampler, algorithm, module, datamodule)
 
@@ -128,6 +129,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path | None, experiment: Experiment,
     )
     if not training:
         overrides["enable_progress_bar"] = False
+    per_batch = iterations_per_batch(cfg)
+    if training and per_batch > 1 and isinstance(cfg.trainer.get("val_check_interval"), int):
+        # Lightning counts validation in training steps (batches); each runs `per_batch` meta-iterations
+        overrides["val_check_interval"] = cfg.trainer.val_check_interval // per_batch
     try:
         trainer = instantiate(cfg.trainer, **overrides)
     except Exception as error:  # Lightning rejects accelerators and device counts this machine lacks

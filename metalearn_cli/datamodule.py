@@ -19,6 +19,7 @@ class TaskDataModule(pl.LightningDataModule):
         val_tasks: int,
         test_tasks: int,
         eval_batch_tasks: int,
+        iterations_per_batch: int = 1,
     ) -> None:
         super().__init__()
         self.sampler = sampler
@@ -26,6 +27,7 @@ class TaskDataModule(pl.LightningDataModule):
         self.task_seed = task_seed
         self.num_tasks = {"val": val_tasks, "test": test_tasks}
         self.eval_batch_tasks = eval_batch_tasks
+        self.iterations_per_batch = iterations_per_batch
         self._fixed: dict[str, TaskBatch] = {}
 
     def _start_step(self) -> int:
@@ -35,7 +37,7 @@ class TaskDataModule(pl.LightningDataModule):
         rank, world = 0, 1
         if self.trainer is not None:
             rank, world = self.trainer.global_rank, self.trainer.world_size
-        stream = TrainStream(self.sampler, self.seed, self._start_step, rank, world)
+        stream = TrainStream(self.sampler, self.seed, self._start_step, rank, world, self.iterations_per_batch)
         return DataLoader(stream, batch_size=None, num_workers=0)
 
     def _fixed_loader(self, split: str) -> DataLoader:

@@ -74,7 +74,8 @@ class EpisodicSampler:
 
 
 class TrainStream(IterableDataset):
-    """An endless stream of meta-batches, starting at the trainer's current step (for resume)."""
+    """An endless stream of meta-batches, starting at the trainer's current step (for resume),
+    served `per_batch` consecutive meta-iterations at a time (one list per Lightning training step)."""
 
     def __init__(
         self,
@@ -83,18 +84,20 @@ class TrainStream(IterableDataset):
         start_step: Callable[[], int] = lambda: 0,
         rank: int = 0,
         world_size: int = 1,
+        per_batch: int = 1,
     ) -> None:
         self.sampler = sampler
+        self.per_batch = per_batch
         self.seed = seed
         self.start_step = start_step
         self.rank = rank
         self.world_size = world_size
 
-    def __iter__(self) -> Iterator[TaskBatch]:
+    def __iter__(self) -> Iterator[list[TaskBatch]]:
         step = self.start_step()
         while True:
-            yield self.sampler.train_batch(self.seed, step, self.rank, self.world_size)
-            step += 1
+            yield [self.sampler.train_batch(self.seed, s, self.rank, self.world_size) for s in range(step, step + self.per_batch)]
+            step += self.per_batch
 
 
 class TaskChunks(Dataset):

@@ -37,6 +37,8 @@ def assert_clean_error(proc, *needles: str) -> str:
         ("algo.vectorize=gpu", ["algo.vectorize", "vmap", "loop"]),
         ("sampler.queries=null", ["sampler.queries", "missing"]),
         ("algo.no_such_key=1", ["algo.no_such_key"]),
+        ("iterations_per_batch=2", ["iterations_per_batch", "2", "trainer.val_check_interval", "3"]),
+        ("iterations_per_batch=0", ["iterations_per_batch", "0", "auto"]),
     ],
 )
 def test_bad_training_input(run_cli, tmp_path, override, needles):

@@ -55,3 +55,21 @@ def test_check_config_names_key_and_value(compose_cfg, key, value):
     with pytest.raises(MetalearnError) as error:
         check_config(cfg)
     assert f"`{key}`" in str(error.value) and repr(value) in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ([], 10),  # sinusoid MLP: 70000 steps, validation every 2500, logs every 100, checkpoints every 1000
+        (["trainer.val_check_interval=25"], 5),
+        (["trainer.max_steps=2504"], 4),
+        (["trainer.max_steps=101"], 1),
+        (["checkpoint.every_n_steps=0", "trainer.log_every_n_steps=4"], 4),
+        (["iterations_per_batch=20"], 20),
+        (["data=omniglot", "data.root=/nowhere"], 1),  # conv4: one meta-iteration is hundreds of ms
+    ],
+)
+def test_iterations_per_batch_divides_every_cadence(compose_cfg, overrides, expected):
+    from metalearn_cli.config_checks import iterations_per_batch
+
+    assert iterations_per_batch(compose_cfg(*overrides)) == expected

@@ -38,6 +38,34 @@ def test_reptile_resume_is_bit_identical(run_cli, tmp_path):
     assert json.loads((tmp_path / "full/test.json").read_text())["per_step"] == json.loads((tmp_path / "resumed/test.json").read_text())["per_step"]
 
 
+def test_meta_iterations_per_lightning_step_change_nothing_but_speed(run_cli, tmp_path):
+    """MAML with 4 meta-iterations per Lightning step trains, validates, logs and checkpoints at the
+    same meta-iterations, to bit-identical weights, as one per step; and a run resumed from its
+    step-4 checkpoint ends the same too."""
+    args = ["trainer.max_steps=12", "trainer.log_every_n_steps=4", "checkpoint.every_n_steps=4", *COMMON]
+    run_cli("train", *args, "iterations_per_batch=1", "hydra.run.dir=one", check=True)
+    run_cli("train", *args, "iterations_per_batch=4", "checkpoint.keep_all=true", "hydra.run.dir=four", check=True)
+    run_cli("train", *args, "iterations_per_batch=4", "hydra.run.dir=resumed",
+            f"ckpt_path={tmp_path}/four/checkpoints/step-0000004.ckpt", check=True)
+    one = torch.load(tmp_path / "one/checkpoints/last.ckpt", weights_only=True)
+    assert one["global_step"] == 12
+    for run in ("four", "resumed"):
+        other = torch.load(tmp_path / f"{run}/checkpoints/last.ckpt", weights_only=True)
+        assert other["global_step"] == 12
+        for key, value in one["state_dict"].items():
+            assert torch.equal(other["state_dict"][key], value), (run, key)
+        assert json.loads((tmp_path / f"{run}/test.json").read_text())["per_step"] == json.loads((tmp_path / "one/test.json").read_text())["per_step"]
+    assert sorted(p.name for p in (tmp_path / "four/checkpoints").glob("step-*")) == ["step-0000004.ckpt", "step-0000008.ckpt", "step-0000012.ckpt"]
+
+    def logged(run):
+        rows = (tmp_path / f"{run}/metrics.csv").read_text().splitlines()
+        header = rows[0].split(",")
+        return sorted((r.split(",")[header.index("step")], name) for r in rows[1:] for name, v in zip(header, r.split(",")) if v and name not in ("epoch", "step") and "seconds" not in name)
+
+    assert logged("one") == logged("four")
+    assert ("3", "train/loss") in logged("four") and ("7", "val/mse") in logged("four")
+
+
 def test_sigkill_never_leaves_a_corrupt_checkpoint(tmp_path):
     """Kill a run that writes last.ckpt every meta-iteration at random moments: every last.ckpt loads."""
     rng = random.Random(0)

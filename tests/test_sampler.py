@@ -46,10 +46,19 @@ def test_training_batches_are_a_function_of_seed_and_step():
 
 def test_stream_resumes_at_the_given_step():
     s = sampler()
-    full = list(itertools.islice(iter(TrainStream(s, seed=3)), 6))
-    resumed = list(itertools.islice(iter(TrainStream(s, seed=3, start_step=lambda: 4)), 2))
+    full = [b for [b] in itertools.islice(iter(TrainStream(s, seed=3)), 6)]
+    resumed = [b for [b] in itertools.islice(iter(TrainStream(s, seed=3, start_step=lambda: 4)), 2)]
     for x, y in zip(full[4:], resumed):
         assert torch.equal(x.support_x, y.support_x)
+
+
+def test_stream_serves_consecutive_meta_iterations_per_training_step():
+    s = sampler()
+    one = [b for [b] in itertools.islice(iter(TrainStream(s, seed=3)), 6)]
+    chunks = list(itertools.islice(iter(TrainStream(s, seed=3, per_batch=3)), 2))
+    assert [len(c) for c in chunks] == [3, 3]
+    for x, y in zip(one, chunks[0] + chunks[1]):
+        assert torch.equal(x.support_x, y.support_x) and torch.equal(x.query_y, y.query_y)
 
 
 def test_ranks_split_the_same_meta_batch():
