@@ -181,8 +181,12 @@ def run_workload(w: Workload, strategy: str, repeats: int, warmup: int, device: 
     }
 
 
-def peak_memory(w: Workload, impl: str, strategy: str, device: torch.device, steps: int = 3, inner_steps: int | None = None) -> float:
-    """Peak memory in MiB of `steps` meta-iterations of one implementation, in a fresh process."""
+def peak_memory(w: Workload, impl: str, strategy: str, device: torch.device, steps: int = 3, inner_steps: int | None = None) -> dict:
+    """Peak memory in MiB of one implementation, in a fresh process: `rss`, the resident set above
+    its level at start over the first `steps` meta-iterations (one-time costs such as kernel caches
+    included), and `heap`, the bytes the allocator holds live during one more meta-iteration, above
+    the level before it (what the meta-iteration itself needs; glibc's malloc statistics). On a GPU
+    both are the CUDA allocator's peak."""
     code = (
         "import sys, json, resource, torch;"
         "from metalearn_cli import bench as b;"
@@ -192,7 +196,7 @@ def peak_memory(w: Workload, impl: str, strategy: str, device: torch.device, ste
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _measure_memory(name: str, impl: str, strategy: str, device: str, steps: int, inner_steps: int | None) -> float:
+def _measure_memory(name: str, impl: str, strategy: str, device: str, steps: int, inner_steps: int | None) -> dict:
     w = WORKLOADS[name]
     if inner_steps is not None:
         w = Workload(**{**w.__dict__, "inner_steps": inner_steps})
@@ -204,27 +208,52 @@ def _measure_memory(name: str, impl: str, strategy: str, device: str, steps: int
     algo = MAML(inner_lr=w.inner_lr, inner_steps=w.inner_steps, eval_inner_steps=1, outer_lr=1e-3,
                 first_order=w.first_order, vectorize=strategy)
     tasks = w.tasks(0, dev)
+
+    def one() -> None:
+        model.zero_grad(set_to_none=True)
+        if impl == "reference":
+            reference_step(model, objective, tasks, w.inner_steps, w.inner_lr, w.first_order)
+        else:
+            ours_step(algo, fmodel, tasks)
+
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
+        for _ in range(steps):
+            one()
+        peak = torch.cuda.max_memory_allocated(dev) / 2**20
+        return {"rss": peak, "heap": peak}
     with PeakRSS() as rss:
         for _ in range(steps):
-            model.zero_grad(set_to_none=True)
-            if impl == "reference":
-                reference_step(model, objective, tasks, w.inner_steps, w.inner_lr, w.first_order)
-            else:
-                ours_step(algo, fmodel, tasks)
-    if dev.type == "cuda":
-        return torch.cuda.max_memory_allocated(dev) / 2**20
-    return rss.peak_mib
+            one()
+    with PeakRSS(heap=True) as heap:
+        one()
+    return {"rss": rss.peak_mib, "heap": heap.peak_mib}
+
+
+def _heap_in_use() -> int:
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd  # in use in the heap + in mmapped chunks
 
 
 class PeakRSS:
     """Peak resident memory above the level at entry, in MiB, sampled every millisecond from /proc
-    (ru_maxrss cannot be used: importing torch alone peaks higher than a small meta-step)."""
+    (ru_maxrss cannot be used: importing torch alone peaks higher than a small meta-step); with
+    `heap=True`, the bytes malloc has handed out and not taken back (glibc's mallinfo2), which
+    leaves out memory the allocator keeps after a free."""
 
-    def __init__(self) -> None:
+    def __init__(self, heap: bool = False) -> None:
         import threading
 
+        if heap:
+            self._rss = _heap_in_use
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self.peak_mib = 0.0
@@ -362,7 +391,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory (a subprocess per implementation)")
-    parser.add_argument("--memory-steps", default="", help="inner steps for a memory sweep, e.g. 1,3,5,10 (mini-5w1s)")
+    parser.add_argument("--memory-steps", default="", help="inner steps for a memory sweep, e.g. 1,3,5,10")
+    parser.add_argument("--memory-workload", default="mini-5w1s", choices=list(WORKLOADS), help="the workload of the memory sweep")
     parser.add_argument("--end-to-end", action="store_true", help="also time `metalearn train` against the bare loop (sinusoid; Omniglot with --omniglot-root)")
     parser.add_argument("--omniglot-root", help="the folder holding omniglot-py/: measure the sampler's share of a meta-iteration")
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -381,20 +411,22 @@ def main(argv: list[str] | None = None) -> None:
         if args.memory:
             r["reference_peak_mib"] = peak_memory(WORKLOADS[name], "reference", args.strategy, device)
             r["ours_peak_mib"] = peak_memory(WORKLOADS[name], "ours", args.strategy, device)
+            ref_mem, ours_mem = r["reference_peak_mib"], r["ours_peak_mib"]
         results.append(r)
         print(f"{name:<18} {r['resolved']:<10} {r['reference_ms']:>12.2f} {r['ours_ms']:>9.2f} {r['speedup']:>7.2f}x {r['grad_rel_error']:>12.1e}"
-              + (f"   peak MiB ref {r['reference_peak_mib']:.0f} ours {r['ours_peak_mib']:.0f}" if args.memory else ""))
+              + (f"   peak MiB (rss / heap) ref {ref_mem['rss']:.0f} / {ref_mem['heap']:.0f}"
+                 f" ours {ours_mem['rss']:.0f} / {ours_mem['heap']:.0f}" if args.memory else ""))
         if r["grad_rel_error"] >= 1e-4:
             print(f"  WARNING: meta-gradients differ (relative error {r['grad_rel_error']:.1e})", file=sys.stderr)
     sweep = []
     if args.memory_steps:
-        w = WORKLOADS["mini-5w1s"]
-        print("second-order MAML peak memory (MiB) against inner steps, mini-5w1s:")
+        w = WORKLOADS[args.memory_workload]
+        print(f"second-order MAML peak memory (MiB, rss / heap) against inner steps, {w.name}:")
         for k in [int(s) for s in args.memory_steps.split(",")]:
             ref = peak_memory(w, "reference", args.strategy, device, inner_steps=k)
             ours = peak_memory(w, "ours", args.strategy, device, inner_steps=k)
-            sweep.append({"inner_steps": k, "reference_peak_mib": ref, "ours_peak_mib": ours})
-            print(f"  {k:>2} steps: reference {ref:8.0f}  ours {ours:8.0f}")
+            sweep.append({"workload": w.name, "inner_steps": k, "reference_peak_mib": ref, "ours_peak_mib": ours})
+            print(f"  {k:>2} steps: reference {ref['rss']:7.0f} / {ref['heap']:7.0f}   ours {ours['rss']:7.0f} / {ours['heap']:7.0f}")
     extra: dict = {}
     if args.omniglot_root:
         share = sampling_share(args.omniglot_root)
