@@ -14,6 +14,7 @@ then one backward of the mean query loss.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -230,16 +231,22 @@ def _measure_memory(name: str, impl: str, strategy: str, device: str, steps: int
     return {"rss": rss.peak_mib, "heap": heap.peak_mib}
 
 
-def _heap_in_use() -> int:
+@functools.lru_cache(maxsize=1)
+def _mallinfo2():
+    """glibc's mallinfo2, loaded once (the watcher thread samples it every millisecond)."""
     import ctypes
 
     class MallInfo2(ctypes.Structure):
         _fields_ = [(n, ctypes.c_size_t) for n in
                     ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = MallInfo2
-    info = libc.mallinfo2()
+    function = ctypes.CDLL("libc.so.6").mallinfo2
+    function.restype = MallInfo2
+    return function
+
+
+def _heap_in_use() -> int:
+    info = _mallinfo2()()
     return info.uordblks + info.hblkhd  # in use in the heap + in mmapped chunks
 
 

@@ -129,7 +129,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path | None, experiment: Experiment,
     )
     if not training:
         overrides["enable_progress_bar"] = False
-    per_batch = iterations_per_batch(cfg)
+    per_batch = experiment.datamodule.iterations_per_batch
     if training and per_batch > 1 and isinstance(cfg.trainer.get("val_check_interval"), int):
         # Lightning counts validation in training steps (batches); each runs `per_batch` meta-iterations
         overrides["val_check_interval"] = cfg.trainer.val_check_interval // per_batch
