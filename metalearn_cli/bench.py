@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Sequence
 from pathlib import Path
 
 import torch
@@ -146,43 +147,55 @@ def gradient_agreement(w: Workload, model: torch.nn.Module, algo: MAML, tasks: T
     return float((g_ours - g_ref).norm() / g_ref.norm().clamp_min(1e-300))
 
 
-def run_workload(w: Workload, strategy: str, repeats: int, warmup: int, device: torch.device, seed: int = 0) -> dict:
+def run_workload(w: Workload, strategy: str, repeats: int, warmup: int, device: torch.device, seed: int = 0,
+                 task_chunks: Sequence[int | str] = ("auto",)) -> list[dict]:
+    """Time the reference and our step with each `algo.task_chunk` in `task_chunks`, interleaved
+    (reference, then each of ours, repeated), on the same weights and tasks: one row per chunk."""
     torch.manual_seed(seed)
     model = w.model().to(device)
     objective = w.objective()
     fmodel = FunctionalModel(model, objective)
-    algo = MAML(inner_lr=w.inner_lr, inner_steps=w.inner_steps, eval_inner_steps=1, outer_lr=1e-3,
-                first_order=w.first_order, vectorize=strategy)
     tasks = w.tasks(seed, device)
-    rel_error = gradient_agreement(w, model, algo, tasks)
-    times = {"reference": [], "ours": []}
+    algos = [
+        MAML(inner_lr=w.inner_lr, inner_steps=w.inner_steps, eval_inner_steps=1, outer_lr=1e-3,
+             first_order=w.first_order, vectorize=strategy, task_chunk=chunk)
+        for chunk in task_chunks
+    ]
+    errors = [gradient_agreement(w, model, algo, tasks) for algo in algos]
+    times: list[list[float]] = [[] for _ in range(len(algos) + 1)]  # reference first
     for i in range(warmup + repeats):
-        for name in ("reference", "ours"):
+        for j in range(len(algos) + 1):
             model.zero_grad(set_to_none=True)
             _sync(device)
             start = time.perf_counter()
-            if name == "reference":
+            if j == 0:
                 reference_step(model, objective, tasks, w.inner_steps, w.inner_lr, w.first_order)
             else:
-                ours_step(algo, fmodel, tasks)
+                ours_step(algos[j - 1], fmodel, tasks)
             _sync(device)
             if i >= warmup:
-                times[name].append((time.perf_counter() - start) * 1e3)
-    ref_ms, ours_ms = statistics.median(times["reference"]), statistics.median(times["ours"])
-    return {
-        "workload": w.name,
-        "description": w.description,
-        "strategy": strategy,
-        "resolved": algo.execution(fmodel, tasks),
-        "reference_ms": ref_ms,
-        "ours_ms": ours_ms,
-        "speedup": ref_ms / ours_ms,
-        "grad_rel_error": rel_error,
-        "repeats": repeats,
-    }
+                times[j].append((time.perf_counter() - start) * 1e3)
+    ref_ms = statistics.median(times[0])
+    rows = []
+    for algo, error, ours in zip(algos, errors, times[1:]):
+        how = algo.execution(fmodel, tasks)
+        rows.append({
+            "workload": w.name,
+            "description": w.description,
+            "strategy": strategy,
+            "resolved": how,
+            "task_chunk": algo.chunk(fmodel, tasks, how),
+            "reference_ms": ref_ms,
+            "ours_ms": statistics.median(ours),
+            "speedup": ref_ms / statistics.median(ours),
+            "grad_rel_error": error,
+            "repeats": repeats,
+        })
+    return rows
 
 
-def peak_memory(w: Workload, impl: str, strategy: str, device: torch.device, steps: int = 3, inner_steps: int | None = None) -> dict:
+def peak_memory(w: Workload, impl: str, strategy: str, device: torch.device, steps: int = 3, inner_steps: int | None = None,
+                task_chunk: int | str = "auto") -> dict:
     """Peak memory in MiB of one implementation, in a fresh process: `rss`, the resident set above
     its level at start over the first `steps` meta-iterations (one-time costs such as kernel caches
     included), and `heap`, the bytes the allocator holds live during one more meta-iteration, above
@@ -191,13 +204,14 @@ def peak_memory(w: Workload, impl: str, strategy: str, device: torch.device, ste
     code = (
         "import sys, json, resource, torch;"
         "from metalearn_cli import bench as b;"
-        f"print(json.dumps(b._measure_memory({w.name!r}, {impl!r}, {strategy!r}, {str(device)!r}, {steps}, {inner_steps!r})))"
+        f"print(json.dumps(b._measure_memory({w.name!r}, {impl!r}, {strategy!r}, {str(device)!r}, {steps}, {inner_steps!r}, {task_chunk!r})))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _measure_memory(name: str, impl: str, strategy: str, device: str, steps: int, inner_steps: int | None) -> dict:
+def _measure_memory(name: str, impl: str, strategy: str, device: str, steps: int, inner_steps: int | None,
+                    task_chunk: int | str = "auto") -> dict:
     w = WORKLOADS[name]
     if inner_steps is not None:
         w = Workload(**{**w.__dict__, "inner_steps": inner_steps})
@@ -207,7 +221,7 @@ def _measure_memory(name: str, impl: str, strategy: str, device: str, steps: int
     objective = w.objective()
     fmodel = FunctionalModel(model, objective)
     algo = MAML(inner_lr=w.inner_lr, inner_steps=w.inner_steps, eval_inner_steps=1, outer_lr=1e-3,
-                first_order=w.first_order, vectorize=strategy)
+                first_order=w.first_order, vectorize=strategy, task_chunk=task_chunk)
     tasks = w.tasks(0, dev)
 
     def one() -> None:
@@ -390,10 +404,20 @@ def machine() -> str:
     return text
 
 
+def _chunks(text: str) -> list[int | str]:
+    values = [v.strip() for v in text.split(",")]
+    if not all(v == "auto" or (v.isdigit() and int(v) >= 1) for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected auto or integers >= 1, comma-separated (e.g. 32,8,4)")
+    return [v if v == "auto" else int(v) for v in values]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="metalearn bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("workloads", nargs="*", default=DEFAULT_WORKLOADS, help=f"any of: {', '.join(WORKLOADS)} or 'all'")
     parser.add_argument("--strategy", default="auto", help="algo.vectorize value to time (auto, vmap, loop, ...)")
+    parser.add_argument("--task-chunk", default="auto", type=_chunks,
+                        help="algo.task_chunk: tasks per pass with batched execution (auto or a number); "
+                             "several, comma-separated, are timed interleaved in one process, e.g. 32,8,4")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -414,24 +438,25 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'workload':<18} {'strategy':<10} {'reference ms':>12} {'ours ms':>9} {'speedup':>8} {'grad rel err':>12}")
     results = []
     for name in names:
-        r = run_workload(WORKLOADS[name], args.strategy, args.repeats, args.warmup, device)
-        if args.memory:
-            r["reference_peak_mib"] = peak_memory(WORKLOADS[name], "reference", args.strategy, device)
-            r["ours_peak_mib"] = peak_memory(WORKLOADS[name], "ours", args.strategy, device)
-            ref_mem, ours_mem = r["reference_peak_mib"], r["ours_peak_mib"]
-        results.append(r)
-        print(f"{name:<18} {r['resolved']:<10} {r['reference_ms']:>12.2f} {r['ours_ms']:>9.2f} {r['speedup']:>7.2f}x {r['grad_rel_error']:>12.1e}"
-              + (f"   peak MiB (rss / heap) ref {ref_mem['rss']:.0f} / {ref_mem['heap']:.0f}"
-                 f" ours {ours_mem['rss']:.0f} / {ours_mem['heap']:.0f}" if args.memory else ""))
-        if r["grad_rel_error"] >= 1e-4:
-            print(f"  WARNING: meta-gradients differ (relative error {r['grad_rel_error']:.1e})", file=sys.stderr)
+        for r in run_workload(WORKLOADS[name], args.strategy, args.repeats, args.warmup, device, task_chunks=args.task_chunk):
+            if args.memory:
+                r["reference_peak_mib"] = peak_memory(WORKLOADS[name], "reference", args.strategy, device, task_chunk=r["task_chunk"])
+                r["ours_peak_mib"] = peak_memory(WORKLOADS[name], "ours", args.strategy, device, task_chunk=r["task_chunk"])
+                ref_mem, ours_mem = r["reference_peak_mib"], r["ours_peak_mib"]
+            results.append(r)
+            how = f"{r['resolved']}/{r['task_chunk']}" if r["resolved"] == "batched" else r["resolved"]
+            print(f"{name:<18} {how:<10} {r['reference_ms']:>12.2f} {r['ours_ms']:>9.2f} {r['speedup']:>7.2f}x {r['grad_rel_error']:>12.1e}"
+                  + (f"   peak MiB (rss / heap) ref {ref_mem['rss']:.0f} / {ref_mem['heap']:.0f}"
+                     f" ours {ours_mem['rss']:.0f} / {ours_mem['heap']:.0f}" if args.memory else ""))
+            if r["grad_rel_error"] >= 1e-4:
+                print(f"  WARNING: meta-gradients differ (relative error {r['grad_rel_error']:.1e})", file=sys.stderr)
     sweep = []
     if args.memory_steps:
         w = WORKLOADS[args.memory_workload]
         print(f"second-order MAML peak memory (MiB, rss / heap) against inner steps, {w.name}:")
         for k in [int(s) for s in args.memory_steps.split(",")]:
-            ref = peak_memory(w, "reference", args.strategy, device, inner_steps=k)
-            ours = peak_memory(w, "ours", args.strategy, device, inner_steps=k)
+            ref = peak_memory(w, "reference", args.strategy, device, inner_steps=k, task_chunk=args.task_chunk[0])
+            ours = peak_memory(w, "ours", args.strategy, device, inner_steps=k, task_chunk=args.task_chunk[0])
             sweep.append({"workload": w.name, "inner_steps": k, "reference_peak_mib": ref, "ours_peak_mib": ours})
             print(f"  {k:>2} steps: reference {ref['rss']:7.0f} / {ref['heap']:7.0f}   ours {ours['rss']:7.0f} / {ours['heap']:7.0f}")
     extra: dict = {}

@@ -74,6 +74,9 @@ def check_config(cfg: DictConfig) -> None:
     positive_int(cfg, "algo.inner_steps", "inner-loop steps per task in meta-training")
     positive_int(cfg, "algo.eval_inner_steps", "adaptation steps at validation and test")
     one_of(cfg, "algo.vectorize", VECTORIZE_CHOICES)
+    chunk = _value(cfg, "algo.task_chunk")
+    if chunk is not None and chunk != "auto" and not (_is_int(chunk) and chunk >= 1):
+        _fail("algo.task_chunk", chunk, "auto, or an integer >= 1 (tasks per pass with batched execution)")
     for key in ("algo.inner_optimizer", "algo.eval_inner_optimizer"):
         if _value(cfg, key) is not None:
             one_of(cfg, key, ("sgd", "adam"))

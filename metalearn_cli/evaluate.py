@@ -28,6 +28,7 @@ EVAL_KEYS = (
     "algo.eval_inner_lr",
     "algo.eval_inner_optimizer",
     "algo.vectorize",
+    "algo.task_chunk",
     "trainer.accelerator",
     "trainer.devices",
     "trainer.precision",

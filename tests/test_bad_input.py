@@ -35,6 +35,7 @@ def assert_clean_error(proc, *needles: str) -> str:
         ("algo.inner_lr=-0.1", ["algo.inner_lr", "-0.1"]),
         ("algo.outer_lr=-1", ["algo.outer_lr", "-1"]),
         ("algo.vectorize=gpu", ["algo.vectorize", "vmap", "loop"]),
+        ("algo.task_chunk=0", ["algo.task_chunk", "0", "auto"]),
         ("sampler.queries=null", ["sampler.queries", "missing"]),
         ("algo.no_such_key=1", ["algo.no_such_key"]),
         ("iterations_per_batch=2", ["iterations_per_batch", "2", "trainer.val_check_interval", "3"]),

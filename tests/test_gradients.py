@@ -134,13 +134,13 @@ def _reptile_reference(model, tasks, theta, loss, optimizer_cls, optimizer_kwarg
         ("adam", (torch.optim.Adam, {"lr": 0.02, "betas": (0.0, 0.999)})),
     ],
 )
-@pytest.mark.parametrize("vectorize", ["batched", "vmap", "loop"])
-def test_one_reptile_step_equals_the_formula(setup, inner, reference, vectorize):
+@pytest.mark.parametrize("vectorize, task_chunk", [("batched", "auto"), ("batched", 2), ("vmap", "auto"), ("loop", "auto")])
+def test_one_reptile_step_equals_the_formula(setup, inner, reference, vectorize, task_chunk):
     model, tasks, theta, _, loss = setup
     epsilon, steps = 0.7, 4
     algo = Reptile(
         inner_lr=0.02, inner_steps=steps, eval_inner_steps=1, outer_lr=epsilon,
-        inner_optimizer=inner, vectorize=vectorize,
+        inner_optimizer=inner, vectorize=vectorize, task_chunk=task_chunk,
     )
     config = algo.configure_optimizers(model.parameters(), max_steps=100)
     step = algo.meta_step(FunctionalModel(model, REGRESSION), tasks)
@@ -175,10 +175,10 @@ def test_reptile_minibatches_cover_the_support_set_each_epoch(setup):
     assert all(sorted(row.tolist()) == [0, 1, 2, 3, 4] for row in first_epoch)
 
 
-@pytest.mark.parametrize("vectorize", ["batched", "vmap", "loop"])
-def test_evaluation_scores_match_manual_sgd(setup, vectorize):
+@pytest.mark.parametrize("vectorize, task_chunk", [("batched", "auto"), ("batched", 2), ("vmap", "auto"), ("loop", "auto")])
+def test_evaluation_scores_match_manual_sgd(setup, vectorize, task_chunk):
     model, tasks, theta, unflatten, loss = setup
-    algo = MAML(inner_lr=INNER_LR, inner_steps=1, eval_inner_steps=3, outer_lr=1e-3, vectorize=vectorize)
+    algo = MAML(inner_lr=INNER_LR, inner_steps=1, eval_inner_steps=3, outer_lr=1e-3, vectorize=vectorize, task_chunk=task_chunk)
     with torch.no_grad():  # as in Lightning's validation loop: adaptation must still work
         scores = algo.evaluate(FunctionalModel(model, REGRESSION), tasks)
     assert scores.shape == (tasks.num_tasks, 4)

@@ -42,12 +42,13 @@ def _reference_maml_gradient(model, tasks, inner_lr, steps, first_order):
 
 
 @pytest.mark.parametrize("first_order", [False, True])
-@pytest.mark.parametrize("vectorize", ["batched", "vmap", "loop"])
-def test_maml_on_conv4_matches_the_textbook_loop(vectorize, first_order):
-    _, tasks = _tiny_tasks()
+@pytest.mark.parametrize("vectorize, task_chunk", [("batched", "auto"), ("batched", 2), ("vmap", "auto"), ("loop", "auto")])
+def test_maml_on_conv4_matches_the_textbook_loop(vectorize, task_chunk, first_order):
+    _, tasks = _tiny_tasks()  # 3 tasks: task_chunk=2 runs slices of 2 and 1
     model = Conv4((1, 8, 8), 3, channels=4).double()
     reference = _reference_maml_gradient(model, tasks, 0.3, 2, first_order)
-    algo = MAML(inner_lr=0.3, inner_steps=2, eval_inner_steps=1, outer_lr=1e-3, first_order=first_order, vectorize=vectorize)
+    algo = MAML(inner_lr=0.3, inner_steps=2, eval_inner_steps=1, outer_lr=1e-3, first_order=first_order,
+                vectorize=vectorize, task_chunk=task_chunk)
     model.zero_grad()
     algo.meta_step(FunctionalModel(model, CLASSIFICATION), tasks).loss.backward()
     for p, r in zip(model.parameters(), reference):

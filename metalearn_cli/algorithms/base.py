@@ -21,6 +21,11 @@ Params = dict[str, Tensor]
 
 #: auto: the largest support set (examples per task) for which grouped convolutions beat the loop
 AUTO_BATCHED_MAX_SUPPORT = 20
+#: auto: tasks per grouped convolution in `batched` execution of conv nets. With 32 tasks in one pass
+#: the double backward of batch norm and of grouped convolutions holds ~60 MiB of temporaries on
+#: Omniglot 5-way 1-shot (more than the per-task loop needs in all); 8 tasks per pass hold a quarter of
+#: that and run as fast (BENCHMARKS.md, "Memory")
+AUTO_CONV_TASK_CHUNK = 8
 
 
 
@@ -115,12 +120,18 @@ def over_tasks(fn: Callable[..., Any], how: str, *per_task: Tensor) -> Any:
     raise ValueError(f"unknown task execution {how!r}; allowed: vmap, loop")
 
 
-def over_task_slices(fn: Callable[[TaskBatch], Any], tasks: TaskBatch, how: str) -> Any:
-    """fn(tasks) -> per-task results [T, ...]: all tasks in one call ("batched"), or task by task
-    ("loop", the same code on one-task batches), concatenated."""
-    if how == "batched":
-        return fn(tasks)
-    parts = [fn(tasks.slice(i, i + 1)) for i in range(tasks.num_tasks)]
+def over_task_slices(fn: Callable[..., Any], tasks: TaskBatch, chunk: int, *per_task: Tensor) -> Any:
+    """fn(part, *per_task_part) -> per-task results [t, ...] for consecutive slices of at most `chunk`
+    tasks (and the matching rows of each tensor in `per_task`), concatenated over the slices.
+
+    chunk >= T runs all tasks in one call; chunk = 1 is the loop over tasks. The autograd graph of
+    each slice is separate, so the outer backward frees one slice's temporaries before the next."""
+    if chunk >= tasks.num_tasks:
+        return fn(tasks, *per_task)
+    parts = [
+        fn(tasks.slice(i, min(i + chunk, tasks.num_tasks)), *(t[i : i + chunk] for t in per_task))
+        for i in range(0, tasks.num_tasks, chunk)
+    ]
     first = parts[0]
     if isinstance(first, Tensor):
         return torch.cat(parts)
@@ -139,6 +150,7 @@ class Algorithm(ABC):
     eval_inner_steps, eval_inner_lr: the adaptation used to score validation and test tasks.
     outer_lr: the meta-optimizer's learning rate.
     vectorize: how tasks of a batch are run (see `over_tasks`); "auto" picks per workload.
+    task_chunk: with `batched` execution, how many tasks run in one pass; "auto" picks per model.
     """
 
     name = "algorithm"
@@ -151,6 +163,7 @@ class Algorithm(ABC):
         outer_lr: float,
         eval_inner_lr: float | None = None,
         vectorize: str = "auto",
+        task_chunk: int | str = "auto",
     ) -> None:
         self.inner_lr = float(inner_lr)
         self.inner_steps = int(inner_steps)
@@ -158,6 +171,7 @@ class Algorithm(ABC):
         self.eval_inner_lr = float(eval_inner_lr if eval_inner_lr is not None else inner_lr)
         self.outer_lr = float(outer_lr)
         self.vectorize = vectorize
+        self.task_chunk = task_chunk
 
     # -- execution strategy ---------------------------------------------------------------
     def execution(self, fmodel: FunctionalModel, tasks: TaskBatch | None = None) -> str:
@@ -180,6 +194,16 @@ class Algorithm(ABC):
         if isinstance(fmodel.module, MLP) or tasks is None:
             return "batched"
         return "batched" if tasks.support_x.shape[1] <= AUTO_BATCHED_MAX_SUPPORT else "loop"
+
+    def chunk(self, fmodel: FunctionalModel, tasks: TaskBatch, how: str) -> int:
+        """Tasks per pass for `over_task_slices`: 1 for the loop; with `batched`, `task_chunk`, whose
+        `auto` is every task at once for the MLP (it is small; one pass saves Python overhead) and
+        AUTO_CONV_TASK_CHUNK for conv nets (bounds the double backward's temporaries, same speed)."""
+        if how == "loop":
+            return 1
+        if self.task_chunk != "auto":
+            return int(self.task_chunk)
+        return tasks.num_tasks if isinstance(fmodel.module, MLP) else AUTO_CONV_TASK_CHUNK
 
     # -- meta-training --------------------------------------------------------------------
     def extra_modules(self, model: nn.Module, source: Any, sampler: Any) -> dict[str, nn.Module]:
@@ -210,7 +234,9 @@ class Algorithm(ABC):
         metric = fmodel.objective.metric
         how = self.execution(fmodel, tasks)
         if how in ("batched", "loop") and batched.supports(fmodel.module):
-            return over_task_slices(lambda part: self._evaluate_batched(fmodel, params, optimizer, part, steps), tasks, how)
+            return over_task_slices(
+                lambda part: self._evaluate_batched(fmodel, params, optimizer, part, steps), tasks, self.chunk(fmodel, tasks, how)
+            )
 
         def score(support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> Tensor:
             adapted, state = params, optimizer.init(params)

@@ -57,7 +57,7 @@ class MAML(Algorithm):
                 prediction = batched_forward(fmodel.module, adapted, part.query_x, self.inner_steps)
                 return objective.task_loss(prediction, part.query_y), objective.task_metric(prediction, part.query_y)
 
-            losses, metrics = over_task_slices(query_losses, tasks, how)
+            losses, metrics = over_task_slices(query_losses, tasks, self.chunk(fmodel, tasks, how))
             loss = losses.mean()
             return MetaStep(loss=loss, metrics={"loss": loss.detach(), objective.metric_name: metrics.detach().mean()})
 

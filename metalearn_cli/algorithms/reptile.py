@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad
 
-from metalearn_cli.algorithms.base import Algorithm, FunctionalModel, MetaStep, over_tasks
+from metalearn_cli.algorithms.base import Algorithm, FunctionalModel, MetaStep, over_task_slices, over_tasks
 from metalearn_cli.algorithms.inner_optim import make_inner_optimizer
 from metalearn_cli.batched import batched_forward, expand, supports
 from metalearn_cli.tasks import TaskBatch
@@ -85,15 +85,11 @@ class Reptile(Algorithm):
 
         how = self.execution(fmodel, tasks)
         with torch.enable_grad():
-            if how == "batched":
-                adapted, query_losses = self._adapt_batched(fmodel, theta, optimizer, tasks, indices)
-            elif how == "loop" and supports(fmodel.module):  # the same code, one task at a time
-                parts = [
-                    self._adapt_batched(fmodel, theta, optimizer, tasks.slice(i, i + 1), indices[i : i + 1])
-                    for i in range(tasks.num_tasks)
-                ]
-                adapted = {k: torch.cat([p[0][k] for p in parts]) for k in theta}
-                query_losses = torch.cat([p[1] for p in parts])
+            if how in ("batched", "loop") and supports(fmodel.module):  # the loop: the same code, one task at a time
+                adapted, query_losses = over_task_slices(
+                    lambda part, index: self._adapt_batched(fmodel, theta, optimizer, part, index),
+                    tasks, self.chunk(fmodel, tasks, how), indices,
+                )
             else:
                 adapted, query_losses = over_tasks(adapt, how, *tasks.tensors(), indices)
         direction = {k: theta[k] - adapted[k].mean(0) for k in theta}
