@@ -253,17 +253,41 @@ class Algorithm(ABC):
     @staticmethod
     def _evaluate_batched(fmodel: FunctionalModel, params: Params, optimizer, tasks: TaskBatch, steps: int) -> Tensor:
         objective, module = fmodel.objective, fmodel.module
-        adapted = {k: v.expand(tasks.num_tasks, *v.shape) for k, v in params.items()}
-        state = optimizer.init(adapted)
+
+        def score(step: int, adapted: Params) -> Tensor:
+            return objective.task_metric(batched.batched_forward(module, adapted, tasks.query_x, step), tasks.query_y)
+
         with torch.no_grad():
-            scores = [objective.task_metric(batched.batched_forward(module, adapted, tasks.query_x, 0), tasks.query_y)]
-        for step in range(steps):
-            leaves = {k: v.detach().requires_grad_(True) for k, v in adapted.items()}
-            with torch.enable_grad():
-                losses = objective.task_loss(batched.batched_forward(module, leaves, tasks.support_x, step), tasks.support_y)
-                grads = dict(zip(leaves, torch.autograd.grad(losses.sum(), list(leaves.values()))))
-            with torch.no_grad():
-                adapted, state = optimizer.step({k: v.detach() for k, v in leaves.items()}, grads, state)
-                scores.append(objective.task_metric(batched.batched_forward(module, adapted, tasks.query_x, step + 1), tasks.query_y))
+            scores = [score(0, batched.expand(params, tasks.num_tasks))]
+        adapt_detached(fmodel, params, optimizer, tasks.num_tasks, lambda step: (tasks.support_x, tasks.support_y), steps,
+                       after_step=lambda step, adapted: scores.append(score(step, adapted)))
         return torch.stack(scores, dim=1)
 
+
+def adapt_detached(
+    fmodel: FunctionalModel,
+    theta: Params,
+    optimizer,
+    num_tasks: int,
+    support: Callable[[int], tuple[Tensor, Tensor]],
+    steps: int,
+    after_step: Callable[[int, Params], None] | None = None,
+) -> Params:
+    """`steps` inner-optimizer steps from theta for `num_tasks` tasks at once (metalearn_cli.batched),
+    with no graph through the steps: what evaluation and Reptile adapt with. `support(step)` gives
+    the [T, n, ...] inputs and targets of that step; `after_step(k, params)` sees the parameters
+    after k steps (under no_grad). Returns the adapted [T, ...] parameters."""
+    objective, module = fmodel.objective, fmodel.module
+    params = batched.expand(theta, num_tasks)
+    state = optimizer.init(params)
+    for step in range(steps):
+        x, y = support(step)
+        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        with torch.enable_grad():
+            losses = objective.task_loss(batched.batched_forward(module, leaves, x, step), y)
+            grads = dict(zip(leaves, torch.autograd.grad(losses.sum(), list(leaves.values()))))
+        with torch.no_grad():
+            params, state = optimizer.step({k: v.detach() for k, v in leaves.items()}, grads, state)
+            if after_step is not None:
+                after_step(step + 1, params)
+    return params

@@ -20,9 +20,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad
 
-from metalearn_cli.algorithms.base import Algorithm, FunctionalModel, MetaStep, over_task_slices, over_tasks
+from metalearn_cli.algorithms.base import Algorithm, FunctionalModel, MetaStep, adapt_detached, over_task_slices, over_tasks
 from metalearn_cli.algorithms.inner_optim import make_inner_optimizer
-from metalearn_cli.batched import batched_forward, expand, supports
+from metalearn_cli.batched import batched_forward, supports
 from metalearn_cli.tasks import TaskBatch
 
 
@@ -97,16 +97,12 @@ class Reptile(Algorithm):
 
     def _adapt_batched(self, fmodel: FunctionalModel, theta, optimizer, tasks: TaskBatch, indices: Tensor):
         """The same inner loop for all tasks at once (see metalearn_cli.batched)."""
-        objective, module = fmodel.objective, fmodel.module
         rows = torch.arange(tasks.num_tasks, device=indices.device).unsqueeze(1)
-        params = expand(theta, tasks.num_tasks)
-        state = optimizer.init(params)
-        for step in range(self.inner_steps):
-            x, y = tasks.support_x[rows, indices[:, step]], tasks.support_y[rows, indices[:, step]]
-            leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-            losses = objective.task_loss(batched_forward(module, leaves, x, step), y)
-            grads = dict(zip(leaves, torch.autograd.grad(losses.sum(), list(leaves.values()))))
-            params, state = optimizer.step({k: v.detach() for k, v in leaves.items()}, grads, state)
+        params = adapt_detached(
+            fmodel, theta, optimizer, tasks.num_tasks,
+            lambda step: (tasks.support_x[rows, indices[:, step]], tasks.support_y[rows, indices[:, step]]), self.inner_steps,
+        )
         with torch.no_grad():
-            query_losses = objective.task_loss(batched_forward(module, params, tasks.query_x, self.inner_steps), tasks.query_y)
+            prediction = batched_forward(fmodel.module, params, tasks.query_x, self.inner_steps)
+            query_losses = fmodel.objective.task_loss(prediction, tasks.query_y)
         return params, query_losses
