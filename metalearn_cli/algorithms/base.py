@@ -24,7 +24,7 @@ AUTO_BATCHED_MAX_SUPPORT = 20
 #: auto: tasks per grouped convolution in `batched` execution of conv nets. With 32 tasks in one pass
 #: the double backward of batch norm and of grouped convolutions holds ~60 MiB of temporaries on
 #: Omniglot 5-way 1-shot (more than the per-task loop needs in all); 8 tasks per pass hold a quarter of
-#: that and run as fast (BENCHMARKS.md, "Memory")
+#: that, run second order faster and first order ~10% slower (BENCHMARKS.md, "Memory" and "Speed")
 AUTO_CONV_TASK_CHUNK = 8
 
 
@@ -198,7 +198,7 @@ class Algorithm(ABC):
     def chunk(self, fmodel: FunctionalModel, tasks: TaskBatch, how: str) -> int:
         """Tasks per pass for `over_task_slices`: 1 for the loop; with `batched`, `task_chunk`, whose
         `auto` is every task at once for the MLP (it is small; one pass saves Python overhead) and
-        AUTO_CONV_TASK_CHUNK for conv nets (bounds the double backward's temporaries, same speed)."""
+        AUTO_CONV_TASK_CHUNK for conv nets (bounds the double backward's temporaries; see its comment)."""
         if how == "loop":
             return 1
         if self.task_chunk != "auto":
