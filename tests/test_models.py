@@ -55,6 +55,19 @@ def test_maml_on_conv4_matches_the_textbook_loop(vectorize, task_chunk, first_or
         torch.testing.assert_close(p.grad, r)
 
 
+def test_auto_task_chunk_is_eight_conv_tasks_on_the_cpu_and_the_whole_batch_elsewhere():
+    """`algo.task_chunk=auto`: the measured rule (BENCHMARKS.md): 8 conv tasks per pass on the CPU,
+    the whole meta-batch on an accelerator (tensors on the meta device stand in for a GPU here)."""
+    _, tasks = _tiny_tasks(num_tasks=12)
+    fmodel = FunctionalModel(Conv4((1, 8, 8), 3, channels=4), CLASSIFICATION)
+    algo = MAML(inner_lr=0.3, inner_steps=1, eval_inner_steps=1, outer_lr=1e-3)
+    assert algo.chunk(fmodel, tasks, "batched") == 8
+    assert algo.chunk(fmodel, tasks.to("meta"), "batched") == 12
+    assert algo.chunk(fmodel, tasks.to("meta"), "loop") == 1
+    fixed = MAML(inner_lr=0.3, inner_steps=1, eval_inner_steps=1, outer_lr=1e-3, task_chunk=5)
+    assert fixed.chunk(fmodel, tasks.to("meta"), "batched") == 5
+
+
 def test_transductive_batch_norm_mixes_query_examples_and_frozen_does_not():
     _, tasks = _tiny_tasks()
     x = tasks.query_x[0]

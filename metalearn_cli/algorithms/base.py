@@ -24,7 +24,9 @@ AUTO_BATCHED_MAX_SUPPORT = 20
 #: auto: tasks per grouped convolution in `batched` execution of conv nets. With 32 tasks in one pass
 #: the double backward of batch norm and of grouped convolutions holds ~60 MiB of temporaries on
 #: Omniglot 5-way 1-shot (more than the per-task loop needs in all); 8 tasks per pass hold a quarter of
-#: that, run second order faster and first order ~10% slower (BENCHMARKS.md, "Memory" and "Speed")
+#: that, run second order faster and first order ~10% slower (BENCHMARKS.md, "Memory" and "Speed").
+#: On a GPU the whole meta-batch goes in one pass: on an H200, 8 per pass was 2.7x (second order)
+#: and 3.1x (first order) slower than 32 per pass, and memory is no concern at these sizes.
 AUTO_CONV_TASK_CHUNK = 8
 
 
@@ -197,13 +199,16 @@ class Algorithm(ABC):
 
     def chunk(self, fmodel: FunctionalModel, tasks: TaskBatch, how: str) -> int:
         """Tasks per pass for `over_task_slices`: 1 for the loop; with `batched`, `task_chunk`, whose
-        `auto` is every task at once for the MLP (it is small; one pass saves Python overhead) and
-        AUTO_CONV_TASK_CHUNK for conv nets (bounds the double backward's temporaries; see its comment)."""
+        `auto` is every task at once for the MLP (it is small; one pass saves Python overhead) and on
+        accelerators (fewer, larger kernels), and AUTO_CONV_TASK_CHUNK for conv nets on the CPU (bounds
+        the double backward's temporaries; see its comment)."""
         if how == "loop":
             return 1
         if self.task_chunk != "auto":
             return int(self.task_chunk)
-        return tasks.num_tasks if isinstance(fmodel.module, MLP) else AUTO_CONV_TASK_CHUNK
+        if isinstance(fmodel.module, MLP) or tasks.support_x.device.type != "cpu":
+            return tasks.num_tasks
+        return AUTO_CONV_TASK_CHUNK
 
     # -- meta-training --------------------------------------------------------------------
     def extra_modules(self, model: nn.Module, source: Any, sampler: Any) -> dict[str, nn.Module]:
