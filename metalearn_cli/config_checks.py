@@ -81,6 +81,14 @@ def check_config(cfg: DictConfig) -> None:
         if _value(cfg, key) is not None:
             one_of(cfg, key, ("sgd", "adam"))
     positive_int(cfg, "algo.inner_batch_size", "support examples per inner step", optional=True)
+    if _value(cfg, "algo.inner_state") is not None:
+        one_of(cfg, "algo.inner_state", ("reset", "carry"))
+        if _value(cfg, "algo.inner_state") == "carry" and _value(cfg, "algo.inner_optimizer") != "adam":
+            raise MetalearnError(
+                f"`algo.inner_state=carry` carries the inner Adam's moments from task to task, but "
+                f"`algo.inner_optimizer` is {_value(cfg, 'algo.inner_optimizer')!r}, which has no state to carry. "
+                "Allowed: algo.inner_state=reset, or algo.inner_optimizer=adam."
+            )
     positive_int(cfg, "trainer.max_steps", "meta-iterations to train")
     positive_int(cfg, "eval.num_tasks", "test tasks to score")
     positive_int(cfg, "eval.val_tasks", "validation tasks to score")

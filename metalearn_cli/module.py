@@ -85,6 +85,7 @@ class MetaLearner(pl.LightningModule):
         optimizer.step()  # Lightning counts this call as one global step
         self.fmodel.record_statistics(batch, self.algorithm.inner_steps, self.algorithm.inner_lr)
         all_reduce_mean_(self.model.buffers())
+        all_reduce_mean_(b for b in self.extras.buffers() if b.is_floating_point())  # Reptile's carried Adam moments
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()

@@ -48,6 +48,18 @@ def test_bad_training_input(run_cli, tmp_path, override, needles):
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+@pytest.mark.parametrize(
+    "overrides, needles",
+    [
+        (["algo.inner_state=keep"], ["algo.inner_state", "'keep'", "reset, carry"]),
+        (["algo.inner_state=carry"], ["algo.inner_state=carry", "algo.inner_optimizer", "'sgd'", "algo.inner_optimizer=adam"]),
+    ],
+)
+def test_bad_reptile_inner_state(run_cli, tmp_path, overrides, needles):
+    assert_clean_error(run_cli("train", *FAST, "algo=reptile", *overrides), *needles)
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
 def test_unknown_command(run_cli):
     assert_clean_error(run_cli("fit"), "unknown command", "train", "eval")
 

@@ -153,6 +153,75 @@ def test_one_reptile_step_equals_the_formula(setup, inner, reference, vectorize,
     torch.testing.assert_close(ours, expected)
 
 
+def _adam_from(w, state, lr):
+    """torch.optim.Adam on w (betas 0, 0.999), starting from `state` (t, m, v as flat vectors) if given."""
+    opt = torch.optim.Adam([w], lr=lr, betas=(0.0, 0.999))
+    if state is not None:
+        opt.state[w] = {"step": torch.tensor(float(state[0]), dtype=torch.float64), "exp_avg": state[1].clone(), "exp_avg_sq": state[2].clone()}
+    return opt
+
+
+def _flat_state(carried, unflatten):
+    state = carried.state()
+    order = list(unflatten(torch.zeros(1000)).keys())
+    return state["t"], torch.cat([state["m"][k].flatten() for k in order]), torch.cat([state["v"][k].flatten() for k in order])
+
+
+@pytest.mark.parametrize("vectorize, task_chunk", [("batched", "auto"), ("batched", 2), ("vmap", "auto")])
+def test_reptile_carried_adam_state_matches_torch_adam(setup, vectorize, task_chunk):
+    """inner_state=carry: a task's inner Adam starts from the carried moments and step count (as a
+    torch.optim.Adam given that state); after a meta-batch the state is the tasks' own steps
+    combined one after another; evaluation starts from it too. Two meta-iterations from zero."""
+    model, tasks, theta, unflatten, loss = setup
+    lr, steps = 0.02, 3
+    algo = Reptile(inner_lr=lr, inner_steps=steps, eval_inner_steps=2, eval_inner_lr=lr, outer_lr=1.0,
+                   inner_optimizer="adam", eval_inner_optimizer="adam", inner_state="carry",
+                   vectorize=vectorize, task_chunk=task_chunk)
+    fmodel = FunctionalModel(model, REGRESSION)
+    state, w0 = None, theta.clone()
+    for _ in range(2):
+        step = algo.meta_step(fmodel, tasks)
+        finals, moments = [], []
+        for i in range(tasks.num_tasks):  # every task from the same carried state, by torch.optim.Adam
+            w = w0.clone().requires_grad_(True)
+            opt = _adam_from(w, state, lr)
+            for _ in range(steps):
+                opt.zero_grad()
+                loss(w, tasks.support_x[i], tasks.support_y[i]).backward()
+                opt.step()
+            finals.append(w.detach())
+            moments.append((opt.state[w]["exp_avg"], opt.state[w]["exp_avg_sq"]))
+        torch.testing.assert_close(torch.cat([step.direction[k].flatten() for k in unflatten(theta)]), w0 - torch.stack(finals).mean(0))
+        old_t, old_m, old_v = state if state is not None else (0, torch.zeros_like(theta), torch.zeros_like(theta))
+        n = tasks.num_tasks  # one after another: older moments decay, each task adds its own steps
+        m = sum(0.0 ** ((n - 1 - i) * steps) * (moments[i][0] - 0.0**steps * old_m) for i in range(n)) + 0.0 ** (n * steps) * old_m
+        v = sum(0.999 ** ((n - 1 - i) * steps) * (moments[i][1] - 0.999**steps * old_v) for i in range(n)) + 0.999 ** (n * steps) * old_v
+        t, ours_m, ours_v = _flat_state(algo.carried, unflatten)
+        assert t == old_t + n * steps
+        torch.testing.assert_close(ours_m, m)
+        torch.testing.assert_close(ours_v, v)
+        torch.testing.assert_close(ours_m, moments[-1][0])  # beta1 = 0: the last task's last gradient
+        state = (t, ours_m, ours_v)
+    # evaluation: every task adapts from the carried state (and the weights, untouched here: w0)
+    scores = algo.evaluate(fmodel, tasks)
+    for i in range(tasks.num_tasks):
+        w = w0.clone().requires_grad_(True)
+        opt = _adam_from(w, state, lr)
+        for _ in range(2):
+            opt.zero_grad()
+            loss(w, tasks.support_x[i], tasks.support_y[i]).backward()
+            opt.step()
+        torch.testing.assert_close(scores[i, -1], loss(w.detach(), tasks.query_x[i], tasks.query_y[i]))
+    reset = Reptile(inner_lr=lr, inner_steps=steps, eval_inner_steps=2, eval_inner_lr=lr, outer_lr=1.0,
+                    inner_optimizer="adam", eval_inner_optimizer="adam", vectorize=vectorize, task_chunk=task_chunk)
+    assert not torch.allclose(reset.evaluate(fmodel, tasks)[:, -1], scores[:, -1])  # the carried state matters
+
+
+def test_reptile_carry_needs_adam():
+    with pytest.raises(ValueError, match="carries Adam"):
+        Reptile(inner_lr=0.1, inner_steps=1, eval_inner_steps=1, outer_lr=1.0, inner_state="carry")
+
+
 def test_reptile_meta_step_size_is_annealed_linearly(setup):
     model, *_ = setup
     algo = Reptile(inner_lr=0.1, inner_steps=1, eval_inner_steps=1, outer_lr=1.0, outer_lr_final=0.2)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metalearn_cli.algorithms import MAML, Finetune, FunctionalModel, Reptile
+from metalearn_cli.algorithms import MAML, Finetune, FunctionalModel, Reptile, base
 from metalearn_cli.data.images import ImageClasses, ImageTasks
 from metalearn_cli.models import Conv4, MetaBatchNorm2d
 from metalearn_cli.samplers import EpisodicSampler
@@ -66,6 +66,23 @@ def test_auto_task_chunk_is_eight_conv_tasks_on_the_cpu_and_the_whole_batch_else
     assert algo.chunk(fmodel, tasks.to("meta"), "loop") == 1
     fixed = MAML(inner_lr=0.3, inner_steps=1, eval_inner_steps=1, outer_lr=1e-3, task_chunk=5)
     assert fixed.chunk(fmodel, tasks.to("meta"), "batched") == 5
+
+
+def test_auto_execution_counts_the_examples_an_inner_step_sees(monkeypatch):
+    """`algo.vectorize=auto` on conv4: the per-task loop for large support sets, but Reptile's inner
+    steps see mini-batches of `inner_batch_size`, which run batched (BENCHMARKS.md: Omniglot, 50
+    support examples in batches of 10, 72 ms batched against 117 ms in the loop)."""
+    monkeypatch.setattr(base, "AUTO_BATCHED_MAX_SUPPORT", 10)  # the tiny images allow 12 support examples, not 21
+    _, tasks = _tiny_tasks(shots=4)  # 3 ways x 4 shots = 12 support examples
+    fmodel = FunctionalModel(Conv4((1, 8, 8), 3, channels=4).double(), CLASSIFICATION)
+    assert MAML(inner_lr=0.3, inner_steps=1, eval_inner_steps=1, outer_lr=1e-3).execution(fmodel, tasks) == "loop"
+    seen = []
+    for batch_size, expected in ((5, "batched"), (None, "loop")):
+        algo = Reptile(inner_lr=0.01, inner_steps=2, eval_inner_steps=1, outer_lr=1.0, inner_batch_size=batch_size)
+        algo.execution = lambda *a, _f=algo.execution, **k: seen.append(_f(*a, **k)) or seen[-1]
+        algo.meta_step(fmodel, tasks)
+        assert seen[-1] == expected
+        assert algo.evaluate(fmodel, tasks).shape[0] == tasks.num_tasks and seen[-1] == "loop"  # evaluation: the whole support set
 
 
 def test_transductive_batch_norm_mixes_query_examples_and_frozen_does_not():

@@ -23,10 +23,12 @@ def _env():
     return dict(os.environ, PYTHONWARNINGS="ignore")
 
 
-def test_reptile_resume_is_bit_identical(run_cli, tmp_path):
+@pytest.mark.parametrize("inner", [[], ["algo.inner_optimizer=adam", "algo.eval_inner_optimizer=adam", "algo.inner_state=carry"]], ids=["reset", "carry"])
+def test_reptile_resume_is_bit_identical(run_cli, tmp_path, inner):
     """Reptile: a run resumed from its step-3 checkpoint ends exactly as the uninterrupted one, with
-    the annealed meta step size and the inner mini-batches continuing where they were."""
-    args = ["algo=reptile", "algo.inner_batch_size=4", "checkpoint.every_n_steps=3", "trainer.max_steps=8", *COMMON]
+    the annealed meta step size, the inner mini-batches and (inner_state=carry) the carried Adam
+    moments continuing where they were."""
+    args = ["algo=reptile", "algo.inner_batch_size=4", "checkpoint.every_n_steps=3", "trainer.max_steps=8", *inner, *COMMON]
     run_cli("train", *args, "checkpoint.keep_all=true", "hydra.run.dir=full", check=True)
     assert sorted(p.name for p in (tmp_path / "full/checkpoints").glob("step-*")) == ["step-0000003.ckpt", "step-0000006.ckpt", "step-0000008.ckpt"]
     run_cli("train", *args, "hydra.run.dir=resumed", f"ckpt_path={tmp_path}/full/checkpoints/step-0000003.ckpt", check=True)
@@ -34,6 +36,11 @@ def test_reptile_resume_is_bit_identical(run_cli, tmp_path):
     resumed = torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=True)
     for key, value in full["state_dict"].items():
         assert torch.equal(resumed["state_dict"][key], value), key
+    carried = {k: v for k, v in full["state_dict"].items() if k.startswith("extras.inner_state.")}
+    if inner:  # the state is in the checkpoint and moved (t counts every inner step of every task)
+        assert carried["extras.inner_state.t"] > 8 and any(v.abs().sum() > 0 for k, v in carried.items() if "v__" in k)
+    else:
+        assert not carried
     assert resumed["lr_schedulers"][0]["last_epoch"] == full["lr_schedulers"][0]["last_epoch"] == 8
     assert json.loads((tmp_path / "full/test.json").read_text())["per_step"] == json.loads((tmp_path / "resumed/test.json").read_text())["per_step"]
 

@@ -176,12 +176,13 @@ class Algorithm(ABC):
         self.task_chunk = task_chunk
 
     # -- execution strategy ---------------------------------------------------------------
-    def execution(self, fmodel: FunctionalModel, tasks: TaskBatch | None = None) -> str:
+    def execution(self, fmodel: FunctionalModel, tasks: TaskBatch | None = None, examples: int | None = None) -> str:
         """How the tasks of a batch run. `auto` follows the measurements in BENCHMARKS.md:
 
-        * `batched` for the MLP, and for Conv4 while a task's support set is small (at most
-          AUTO_BATCHED_MAX_SUPPORT examples): grouped convolutions win when each task alone is too
-          small to keep the cores busy;
+        * `batched` for the MLP, and for Conv4 while each inner step sees few examples per task (at
+          most AUTO_BATCHED_MAX_SUPPORT; `examples`, default the whole support set; Reptile's inner
+          mini-batches are smaller): grouped convolutions win when each task alone is too small to
+          keep the cores busy;
         * `loop` for Conv4 with larger support sets, where each task is a large enough batch on its
           own and the double backward of grouped convolutions costs more than it saves (for the
           models of metalearn_cli.batched the loop runs that same code on one task at a time);
@@ -195,7 +196,8 @@ class Algorithm(ABC):
             return "vmap"
         if isinstance(fmodel.module, MLP) or tasks is None:
             return "batched"
-        return "batched" if tasks.support_x.shape[1] <= AUTO_BATCHED_MAX_SUPPORT else "loop"
+        examples = tasks.support_x.shape[1] if examples is None else examples
+        return "batched" if examples <= AUTO_BATCHED_MAX_SUPPORT else "loop"
 
     def chunk(self, fmodel: FunctionalModel, tasks: TaskBatch, how: str) -> int:
         """Tasks per pass for `over_task_slices`: 1 for the loop; with `batched`, `task_chunk`, whose
@@ -277,11 +279,12 @@ def adapt_detached(
     support: Callable[[int], tuple[Tensor, Tensor]],
     steps: int,
     after_step: Callable[[int, Params], None] | None = None,
-) -> Params:
+) -> tuple[Params, dict]:
     """`steps` inner-optimizer steps from theta for `num_tasks` tasks at once (metalearn_cli.batched),
     with no graph through the steps: what evaluation and Reptile adapt with. `support(step)` gives
     the [T, n, ...] inputs and targets of that step; `after_step(k, params)` sees the parameters
-    after k steps (under no_grad). Returns the adapted [T, ...] parameters."""
+    after k steps (under no_grad). Returns the adapted [T, ...] parameters and the optimizer's
+    final state."""
     objective, module = fmodel.objective, fmodel.module
     params = batched.expand(theta, num_tasks)
     state = optimizer.init(params)
@@ -295,4 +298,4 @@ def adapt_detached(
             params, state = optimizer.step({k: v.detach() for k, v in leaves.items()}, grads, state)
             if after_step is not None:
                 after_step(step + 1, params)
-    return params
+    return params, state

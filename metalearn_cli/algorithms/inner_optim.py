@@ -37,14 +37,25 @@ class InnerSGD:
 
 
 class InnerAdam:
-    """Adam as in torch.optim.Adam (no weight decay); Reptile's inner loop uses betas (0, 0.999)."""
+    """Adam as in torch.optim.Adam (no weight decay); Reptile's inner loop uses betas (0, 0.999).
 
-    def __init__(self, lr: float, betas: Sequence[float] = (0.0, 0.999), eps: float = 1e-8) -> None:
+    `start`, if given, is the state every adaptation starts from, {"t": int, "m": {...}, "v": {...}}
+    with one tensor per parameter (broadcast to per-task parameters): Reptile's carried state
+    (`algo.inner_state=carry`). Without it each adaptation starts from zero moments at t = 0."""
+
+    def __init__(self, lr: float, betas: Sequence[float] = (0.0, 0.999), eps: float = 1e-8, start: dict | None = None) -> None:
         self.lr = lr
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
         self.eps = eps
+        self.start = start
 
     def init(self, params: Params) -> dict:
+        if self.start is not None:
+            return {
+                "t": self.start["t"],
+                "m": {k: self.start["m"][k].expand_as(p) for k, p in params.items()},
+                "v": {k: self.start["v"][k].expand_as(p) for k, p in params.items()},
+            }
         return {
             "t": 0,
             "m": {k: torch.zeros_like(p) for k, p in params.items()},
@@ -63,9 +74,10 @@ class InnerAdam:
         return new, {"t": t, "m": m, "v": v}
 
 
-def make_inner_optimizer(name: str, lr: float, betas: Sequence[float] = (0.0, 0.999)):
+def make_inner_optimizer(name: str, lr: float, betas: Sequence[float] = (0.0, 0.999), start: dict | None = None):
+    """`start`: Adam's carried state (ignored by SGD, which has none without momentum)."""
     if name == "sgd":
         return InnerSGD(lr)
     if name == "adam":
-        return InnerAdam(lr, betas)
+        return InnerAdam(lr, betas, start=start)
     raise ValueError(f"unknown inner optimizer {name!r}; allowed: sgd, adam")

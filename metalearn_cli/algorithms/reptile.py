@@ -10,6 +10,16 @@ with the meta step size epsilon annealed linearly from `outer_lr` to `outer_lr_f
 run (the paper anneals to 0). It is applied as an SGD step on the "gradient"
 theta - mean_i theta~_i, so the step size lives in an ordinary optimizer + LR scheduler and is
 checkpointed and resumed like any other.
+
+The inner optimizer's state (`inner_state`): with `reset` every task's inner Adam starts from zero
+moments at t = 0, so each of its first steps moves every weight by about the learning rate whatever
+the gradient's size. With `carry`, as in the reference code (openai/supervised-reptile resets only
+the trainable variables after a task), Adam's moments and step count carry over from task to task
+and from meta-iteration to meta-iteration, and validation and test tasks start from them too. The
+tasks of a meta-batch run in parallel here, each from the carried state; afterwards the state
+becomes what running them one after another would have left if each task's gradients were the
+same: older moments decay by beta^(K per task), and each task adds its own K steps (`_carry_over`).
+The carried state is saved in checkpoints (buffers of `CarriedAdamState`).
 """
 
 from __future__ import annotations
@@ -25,6 +35,41 @@ from metalearn_cli.algorithms.inner_optim import make_inner_optimizer
 from metalearn_cli.batched import batched_forward, supports
 from metalearn_cli.tasks import TaskBatch
 
+#: algo.inner_state: where each task's inner Adam starts (see the module docstring)
+INNER_STATES = ("reset", "carry")
+
+
+class CarriedAdamState(nn.Module):
+    """Adam's moments (one m and one v per model parameter) and step count carried from task to task.
+    Buffers, so checkpoints save them, a resumed run restores them and they follow the model's device."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.names = [name for name, _ in model.named_parameters()]
+        for name, p in model.named_parameters():
+            self.register_buffer(self._key("m", name), torch.zeros_like(p.detach(), memory_format=torch.contiguous_format))
+            self.register_buffer(self._key("v", name), torch.zeros_like(p.detach(), memory_format=torch.contiguous_format))
+        self.register_buffer("t", torch.zeros((), dtype=torch.long))
+
+    @staticmethod
+    def _key(moment: str, name: str) -> str:
+        return f"{moment}__{name.replace('.', '__')}"
+
+    def state(self) -> dict:
+        """As InnerAdam's state: {"t": int, "m": {name: tensor}, "v": {name: tensor}}."""
+        return {
+            "t": int(self.t),
+            "m": {n: getattr(self, self._key("m", n)) for n in self.names},
+            "v": {n: getattr(self, self._key("v", n)) for n in self.names},
+        }
+
+    @torch.no_grad()
+    def set(self, state: dict) -> None:
+        self.t.fill_(state["t"])
+        for moment in ("m", "v"):
+            for n in self.names:
+                getattr(self, self._key(moment, n)).copy_(state[moment][n])
+
 
 class Reptile(Algorithm):
     name = "reptile"
@@ -37,14 +82,36 @@ class Reptile(Algorithm):
         inner_batch_size: int | None = None,
         eval_inner_optimizer: str = "sgd",
         outer_lr_final: float = 0.0,
+        inner_state: str = "reset",
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
+        if inner_state not in INNER_STATES:
+            raise ValueError(f"unknown inner_state {inner_state!r}; allowed: {', '.join(INNER_STATES)}")
+        if inner_state == "carry" and inner_optimizer != "adam":
+            raise ValueError(f"inner_state='carry' carries Adam's moments, but the inner optimizer is {inner_optimizer!r}; use adam or reset")
         self.inner_optimizer = inner_optimizer
         self.inner_betas = tuple(inner_betas)
         self.inner_batch_size = inner_batch_size
         self.eval_inner_optimizer = eval_inner_optimizer
         self.outer_lr_final = float(outer_lr_final)
+        self.inner_state = inner_state
+        self.carried: CarriedAdamState | None = None
+
+    def extra_modules(self, model: nn.Module, source, sampler) -> dict[str, nn.Module]:
+        """With `inner_state=carry`, the carried Adam state (saved in checkpoints with the model)."""
+        if self.inner_state != "carry":
+            return {}
+        self.carried = CarriedAdamState(model)
+        return {"inner_state": self.carried}
+
+    def _start(self, fmodel: FunctionalModel) -> dict | None:
+        """The state each task's inner Adam starts from: the carried one, or None (zeros)."""
+        if self.inner_state != "carry":
+            return None
+        if self.carried is None:  # an algorithm used without a MetaLearner (tests, bench)
+            self.carried = CarriedAdamState(fmodel.module).to(next(fmodel.module.parameters()).device)
+        return self.carried.state()
 
     def configure_optimizers(self, parameters: Iterable[nn.Parameter], max_steps: int) -> dict:
         optimizer = torch.optim.SGD(parameters, lr=self.outer_lr)
@@ -58,7 +125,8 @@ class Reptile(Algorithm):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def eval_optimizer(self):
-        return make_inner_optimizer(self.eval_inner_optimizer, self.eval_inner_lr, self.inner_betas)
+        start = self.carried.state() if self.carried is not None else None
+        return make_inner_optimizer(self.eval_inner_optimizer, self.eval_inner_lr, self.inner_betas, start=start)
 
     def _batch_indices(self, tasks: TaskBatch) -> Tensor:
         """[T, inner_steps, b] indices into each task's support set: shuffled epochs, consecutive chunks."""
@@ -72,8 +140,11 @@ class Reptile(Algorithm):
         return order[:, : self.inner_steps * b].reshape(num_tasks, self.inner_steps, b)
 
     def meta_step(self, fmodel: FunctionalModel, tasks: TaskBatch) -> MetaStep:
+        """The update direction theta - mean_i theta~_i (does not touch the model's parameters; with
+        `inner_state=carry` it advances the carried Adam state, as the reference's inner steps do)."""
         theta = {k: p.detach() for k, p in fmodel.params().items()}
-        optimizer = make_inner_optimizer(self.inner_optimizer, self.inner_lr, self.inner_betas)
+        start = self._start(fmodel)
+        optimizer = make_inner_optimizer(self.inner_optimizer, self.inner_lr, self.inner_betas, start=start)
         indices = self._batch_indices(tasks).to(tasks.support_x.device)
 
         def adapt(support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, index: Tensor):
@@ -81,28 +152,52 @@ class Reptile(Algorithm):
             for step in range(self.inner_steps):
                 x, y = support_x[index[step]], support_y[index[step]]
                 params, state = optimizer.step(params, grad(fmodel.loss)(params, x, y, step), state)
-            return params, fmodel.loss(params, query_x, query_y, self.inner_steps)
+            return params, fmodel.loss(params, query_x, query_y, self.inner_steps), _moments(state, start is not None)
 
-        how = self.execution(fmodel, tasks)
+        how = self.execution(fmodel, tasks, examples=indices.shape[-1])  # each step sees one mini-batch
         with torch.enable_grad():
             if how in ("batched", "loop") and supports(fmodel.module):  # the loop: the same code, one task at a time
-                adapted, query_losses = over_task_slices(
-                    lambda part, index: self._adapt_batched(fmodel, theta, optimizer, part, index),
+                adapted, query_losses, moments = over_task_slices(
+                    lambda part, index: self._adapt_batched(fmodel, theta, optimizer, part, index, start is not None),
                     tasks, self.chunk(fmodel, tasks, how), indices,
                 )
             else:
-                adapted, query_losses = over_tasks(adapt, how, *tasks.tensors(), indices)
+                adapted, query_losses, moments = over_tasks(adapt, how, *tasks.tensors(), indices)
+        if start is not None:
+            self.carried.set(self._carry_over(start, moments, tasks.num_tasks))
         direction = {k: theta[k] - adapted[k].mean(0) for k in theta}
         return MetaStep(direction=direction, metrics={"loss": query_losses.mean()})
 
-    def _adapt_batched(self, fmodel: FunctionalModel, theta, optimizer, tasks: TaskBatch, indices: Tensor):
+    def _carry_over(self, start: dict, final: dict, num_tasks: int) -> dict:
+        """The carried state after `num_tasks` tasks that each ran `inner_steps` Adam steps from `start`
+        in parallel (`final`: their [T, ...] moments, see `_moments`), combined as if they had run one after another:
+        each moment is beta^(T K) * start + sum_i beta^((T - 1 - i) K) * (final_i - beta^K * start)."""
+        steps, out = self.inner_steps, {"t": start["t"] + num_tasks * self.inner_steps}
+        with torch.no_grad():
+            for moment, beta in (("m", self.inner_betas[0]), ("v", self.inner_betas[1])):
+                weights = torch.tensor([beta ** ((num_tasks - 1 - i) * steps) for i in range(num_tasks)], dtype=torch.float64)
+                out[moment] = {}
+                for k, old in start[moment].items():
+                    new = final[f"{moment}:{k}"] - beta**steps * old
+                    w = weights.to(new.device, new.dtype).view(-1, *([1] * old.dim()))
+                    out[moment][k] = beta ** (num_tasks * steps) * old + (w * new).sum(0)
+        return out
+
+    def _adapt_batched(self, fmodel: FunctionalModel, theta, optimizer, tasks: TaskBatch, indices: Tensor, keep_moments: bool):
         """The same inner loop for all tasks at once (see metalearn_cli.batched)."""
         rows = torch.arange(tasks.num_tasks, device=indices.device).unsqueeze(1)
-        params = adapt_detached(
+        params, state = adapt_detached(
             fmodel, theta, optimizer, tasks.num_tasks,
             lambda step: (tasks.support_x[rows, indices[:, step]], tasks.support_y[rows, indices[:, step]]), self.inner_steps,
         )
         with torch.no_grad():
             prediction = batched_forward(fmodel.module, params, tasks.query_x, self.inner_steps)
             query_losses = fmodel.objective.task_loss(prediction, tasks.query_y)
-        return params, query_losses
+        return params, query_losses, _moments(state, keep_moments)
+
+
+def _moments(state: dict, keep: bool) -> dict[str, Tensor]:
+    """Adam's per-task moments as one flat dict ("m:<name>", "v:<name>"), or {} when not carried."""
+    if not keep:
+        return {}
+    return {f"{moment}:{k}": value for moment in ("m", "v") for k, value in state[moment].items()}
