@@ -58,6 +58,24 @@ def missing_plugin(args: list[str], importable=None) -> str | None:
     return None
 
 
+def misused_tuning(args: list[str]) -> str | None:
+    """The error for `+tuning=NAME` or `tuning=null`, which Hydra answers with a message about its
+    defaults-list syntax or a traceback, else None."""
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            continue
+        if key in ("+tuning", "++tuning"):
+            return (
+                f"`{arg}`: `tuning` is already in the config (picked from algo and data as `<algo>_<data>` when "
+                f"configs/tuning/ has such a file), so it cannot be added with `+`. Choose one with `tuning={value}`, "
+                "or run without one with `~tuning`."
+            )
+        if key == "tuning" and value.strip().lower() in ("null", "none", ""):
+            return f"`{arg}`: to run without the published settings of `tuning`, write `~tuning`; to choose others, `tuning=NAME`."
+    return None
+
+
 COMMANDS = {
     "train": "metalearn_cli.train",
     "eval": "metalearn_cli.evaluate",
@@ -82,7 +100,7 @@ def main() -> None:
     import importlib
     import importlib.util
 
-    problem = missing_plugin(args[1:])
+    problem = missing_plugin(args[1:]) or misused_tuning(args[1:])
     if problem:
         print(f"Error: {problem}", file=sys.stderr)
         sys.exit(2)

@@ -107,6 +107,28 @@ def check_config(cfg: DictConfig) -> None:
     iterations_per_batch(cfg)
 
 
+def tuning_options() -> list[str]:
+    """The files of the `tuning` config group (configs/tuning/<algo>_<data>.yaml), by name."""
+    from pathlib import Path
+
+    import metalearn_cli.configs
+
+    return sorted(p.stem for p in (Path(metalearn_cli.configs.__file__).parent / "tuning").glob("*.yaml"))
+
+
+def check_tuning_override(overrides: list[str], options: list[str]) -> None:
+    """`tuning` is an optional group picked as `${algo}_${data}`, so Hydra silently skips a name with
+    no file: a typo in an explicit `tuning=NAME` would run without the published settings."""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key == "tuning" and value not in options:
+            raise MetalearnError(
+                f"invalid value for `tuning`: {value!r}: there is no configs/tuning/{value}.yaml. Allowed: "
+                f"{', '.join(options)} (or leave `tuning` out: it is picked from algo and data when such a file "
+                "exists; `~tuning` runs without one)."
+            )
+
+
 def check_against_data(cfg: DictConfig, objective: "Objective") -> None:
     """Checks that depend on the kind of task (classification needs ways and queries)."""
     if objective.name == "classification":

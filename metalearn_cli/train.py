@@ -13,7 +13,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from metalearn_cli.config_checks import check_config
+from metalearn_cli.config_checks import check_config, check_tuning_override, tuning_options
 from metalearn_cli.errors import MetalearnError, exits_cleanly
 
 if TYPE_CHECKING:
@@ -28,6 +28,7 @@ def group_choices() -> dict:
 def train(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     check_config(cfg)  # first, and before torch and Lightning are imported: bad input fails in a second
+    check_tuning_override(list(HydraConfig.get().overrides.task), tuning_options())
     from metalearn_cli.build import build_tasks
     from metalearn_cli.run_folder import read_checkpoint
 

@@ -60,6 +60,20 @@ def test_bad_reptile_inner_state(run_cli, tmp_path, overrides, needles):
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+@pytest.mark.parametrize(
+    "override, needles",
+    [
+        ("tuning=maml_omniglott", ["`tuning`", "'maml_omniglott'", "maml_omniglot", "reptile_omniglot", "~tuning"]),
+        ("+tuning=maml_omniglot", ["+tuning=maml_omniglot", "tuning=maml_omniglot", "~tuning"]),
+        ("tuning=null", ["tuning=null", "~tuning"]),
+    ],
+)
+def test_bad_tuning_choice(run_cli, tmp_path, override, needles):
+    """A mistyped tuning name must not silently run without the published settings."""
+    assert_clean_error(run_cli("train", *FAST, override), *needles)
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
 def test_unknown_command(run_cli):
     assert_clean_error(run_cli("fit"), "unknown command", "train", "eval")
 
