@@ -1,6 +1,7 @@
 """`metalearn eval ckpt=PATH`: rebuild a run from the config saved in its checkpoint, score it on
-fixed test tasks (mean and 95% CI after each inner step), print a table and write eval.json into
-the run folder.
+fixed test tasks (mean and 95% CI after each inner step), print a table, write eval.json (the latest
+result) into the run folder and append the result to its evals.jsonl (every evaluation, never
+rewritten: scoring 5-shot after 1-shot does not lose the 1-shot number).
 
 Only evaluation settings may differ from training (see EVAL_KEYS); asking for a different model,
 data set or algorithm is reported as a conflict instead of failing inside load_state_dict.
@@ -8,6 +9,7 @@ data set or algorithm is reported as a conflict instead of failing inside load_s
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any
 
 import hydra
@@ -16,7 +18,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from metalearn_cli.errors import MetalearnError, exits_cleanly
-from metalearn_cli.run_folder import CHECKPOINT_KEY, read_checkpoint, register_resolvers, run_dir_of_checkpoint, write_json_atomic
+from metalearn_cli.run_folder import CHECKPOINT_KEY, append_jsonl, read_checkpoint, register_resolvers, run_dir_of_checkpoint, write_json_atomic
 
 #: keys (or key prefixes ending in '.') that `metalearn eval` may set differently from training
 EVAL_KEYS = (
@@ -106,10 +108,12 @@ def evaluate(cfg: DictConfig) -> dict:
     trainer.test(experiment.module, datamodule=experiment.datamodule, verbose=False)
     summary = run_summary(experiment, run_cfg, choices, ckpt=cfg.ckpt, split="test")
     if trainer.is_global_zero:
-        out = run_dir_of_checkpoint(cfg.ckpt) / "eval.json"
-        write_json_atomic(out, summary)
+        run_dir = run_dir_of_checkpoint(cfg.ckpt)
+        summary["evaluated_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        append_jsonl(run_dir / "evals.jsonl", summary)  # the history first: eval.json is replaced
+        write_json_atomic(run_dir / "eval.json", summary)
         print(format_table(summary))
-        print(f"{describe_result(summary)} | wrote {out}")
+        print(f"{describe_result(summary)} | wrote {run_dir / 'eval.json'} (all evaluations: {run_dir / 'evals.jsonl'})")
     return summary
 
 

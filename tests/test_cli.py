@@ -54,12 +54,12 @@ def test_train_then_eval(run_cli, tmp_path):
     assert test["num_tasks"] == 8 and len(test["per_step"]) == 11
 
     proc = run_cli("eval", f"ckpt={run}/checkpoints/last.ckpt", "algo.eval_inner_steps=3",
-                   "eval.num_tasks=12", "sampler.shots=5", check=True)
+                   "eval.num_tasks=12", "sampler.shots=3", check=True)
     report = json.loads((run / "eval.json").read_text())
     for key in ("metric", "mean", "ci95", "num_tasks", "inner_steps", "per_step", "ckpt", "algo", "data"):
         assert key in report
     assert report["metric"] == "mse" and report["algo"] == "maml" and report["data"] == "sinusoid"
-    assert report["num_tasks"] == 12 and report["inner_steps"] == 3 and report["shots"] == 5
+    assert report["num_tasks"] == 12 and report["inner_steps"] == 3 and report["shots"] == 3
     assert [row["step"] for row in report["per_step"]] == [0, 1, 2, 3]
     assert report["mean"] == report["per_step"][-1]["mean"] and report["ci95"] > 0
     assert Path(report["ckpt"]) == run / "checkpoints" / "last.ckpt"
@@ -71,6 +71,11 @@ def test_train_then_eval(run_cli, tmp_path):
     assert first["num_tasks"] == 600
     run_cli("eval", f"ckpt={run}/checkpoints/best.ckpt", "algo.eval_inner_steps=1", check=True)
     assert json.loads((run / "eval.json").read_text())["per_step"] == first["per_step"]
+    # eval.json is the latest; evals.jsonl keeps every evaluation, the 5-shot one included
+    history = [json.loads(line) for line in (run / "evals.jsonl").read_text().splitlines()]
+    assert [(h["shots"], h["num_tasks"], h["inner_steps"]) for h in history] == [(3, 12, 3), (5, 600, 1), (5, 600, 1)]
+    assert history[0]["per_step"] == report["per_step"] and history[-1]["per_step"] == first["per_step"]
+    assert Path(history[1]["ckpt"]).name == "best.ckpt" and all(h["evaluated_at"] for h in history)
     # the training run's files are untouched by eval
     assert yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()) == FAST
 

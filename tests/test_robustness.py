@@ -138,6 +138,8 @@ def test_concurrent_evals_of_one_checkpoint(run_cli, tmp_path):
     report = json.loads((tmp_path / "run" / "eval.json").read_text())  # whole, from one of the two
     assert report["num_tasks"] in (20, 30) and len(report["per_step"]) == 3
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".eval.json")]
+    history = [json.loads(line) for line in (tmp_path / "run" / "evals.jsonl").read_text().splitlines()]
+    assert sorted(h["num_tasks"] for h in history) == [20, 30]  # both kept, neither line torn
 
 
 # -- random overrides from the real config groups -----------------------------------------------
