@@ -9,7 +9,9 @@ data set or algorithm is reported as a conflict instead of failing inside load_s
 
 from __future__ import annotations
 
+import sys
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -29,6 +31,7 @@ EVAL_KEYS = (
     "algo.eval_inner_steps",
     "algo.eval_inner_lr",
     "algo.eval_inner_optimizer",
+    "algo.eval_inner_batch_size",
     "algo.vectorize",
     "algo.task_chunk",
     "trainer.accelerator",
@@ -74,6 +77,30 @@ def merge_eval_overrides(saved: DictConfig, composed: DictConfig, overrides: lis
                 f"and you asked for {_plain(value)!r}. Keys that can be changed at evaluation: {allowed}."
             )
     return merged
+
+
+#: config groups whose training choice `metalearn eval` composes with (see `with_training_groups`)
+TRAINING_GROUPS = ("data", "algo", "model", "sampler", "trainer", "logger", "tuning")
+
+
+def with_training_groups(args: list[str]) -> list[str]:
+    """`args` plus `group=<choice>` for each config group of the checkpoint's training run that the
+    command line does not name, so that the eval config is composed with the training run's algorithm,
+    data and model: an override of a key only that algorithm has (Reptile's
+    `algo.eval_inner_optimizer`) then composes instead of failing on the default algorithm's config.
+    A `ckpt` that cannot be read is left to `evaluate`, which says why."""
+    ckpts = [a.partition("=")[2] for a in args if a.startswith("ckpt=")]
+    if len(ckpts) != 1 or "," in ckpts[0]:
+        return args
+    try:
+        import torch
+
+        choices = torch.load(Path(ckpts[0]).expanduser(), map_location="cpu", weights_only=True)[CHECKPOINT_KEY]["choices"]
+    except Exception:
+        return args
+    named = {a.lstrip("+~").partition("=")[0] for a in args}
+    extra = [f"{group}={choices[group]}" for group in TRAINING_GROUPS if choices.get(group) and group not in named]
+    return [*args, *extra]
 
 
 def _plain(value: Any) -> Any:
@@ -122,8 +149,13 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="pkg://metalearn_cli.configs", config_name="eval")
 @exits_cleanly
-def main(cfg: DictConfig) -> dict:
+def _app(cfg: DictConfig) -> dict:
     return evaluate(cfg)
+
+
+def main() -> None:
+    sys.argv = [sys.argv[0], *with_training_groups(sys.argv[1:])]
+    _app()
 
 
 if __name__ == "__main__":

@@ -65,11 +65,13 @@ class EpisodicSampler:
         return batch
 
     def fixed_tasks(self, split: str, num_tasks: int, task_seed: int) -> TaskBatch:
-        """Tasks 0..num_tasks-1 of `split`; task i is the same for any num_tasks."""
-        tasks = [
-            self.source.sample(split, generator_for(task_seed, split, i), 1, self.ways, self.shots, self.queries)
-            for i in range(num_tasks)
-        ]
+        """Tasks 0..num_tasks-1 of `split`; task i is the same for any num_tasks, and so is its seed."""
+        tasks = []
+        for i in range(num_tasks):
+            generator = generator_for(task_seed, split, i)
+            task = self.source.sample(split, generator, 1, self.ways, self.shots, self.queries)
+            task.task_seeds = torch.randint(0, 2**62, (1,), generator=generator)  # drawn after the task: it stays the same
+            tasks.append(task)
         return TaskBatch.cat(tasks)
 
 

@@ -18,6 +18,9 @@ class TaskBatch:
     query_x:   [T, Q, *input_shape]   query_y:   [T, Q] or [T, Q, out]
     seed: an integer drawn with the batch, for algorithms that need their own randomness
           (Reptile's inner mini-batches), so a step is a pure function of the batch.
+    task_seeds: [T] integers, one drawn with each fixed validation/test task, so that randomness
+          at evaluation (Reptile's `eval_inner_batch_size`) is a function of the task alone, whatever
+          the tasks are batched with (eval.batch_tasks, devices).
     classes: [T, N] for classification: the split's class index behind each task label
              (what supervised pre-training, the Baseline of Chen et al., learns from).
     """
@@ -28,6 +31,7 @@ class TaskBatch:
     query_y: Tensor
     seed: int = 0
     classes: Tensor | None = None
+    task_seeds: Tensor | None = None
 
     @property
     def num_tasks(self) -> int:
@@ -36,20 +40,22 @@ class TaskBatch:
     def to(self, device: torch.device | str) -> "TaskBatch":
         moved = [t.to(device, non_blocking=True) for t in self.tensors()]
         classes = None if self.classes is None else self.classes.to(device, non_blocking=True)
-        return TaskBatch(*moved, seed=self.seed, classes=classes)
+        return TaskBatch(*moved, seed=self.seed, classes=classes, task_seeds=self.task_seeds)  # seeds stay on the CPU
 
     def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return self.support_x, self.support_y, self.query_x, self.query_y
 
     def slice(self, start: int, stop: int) -> "TaskBatch":
         classes = None if self.classes is None else self.classes[start:stop]
-        return TaskBatch(*(t[start:stop] for t in self.tensors()), seed=self.seed, classes=classes)
+        task_seeds = None if self.task_seeds is None else self.task_seeds[start:stop]
+        return TaskBatch(*(t[start:stop] for t in self.tensors()), seed=self.seed, classes=classes, task_seeds=task_seeds)
 
     @staticmethod
     def cat(batches: list["TaskBatch"]) -> "TaskBatch":
         parts = [torch.cat([b.tensors()[i] for b in batches]) for i in range(4)]
         classes = None if batches[0].classes is None else torch.cat([b.classes for b in batches])
-        return TaskBatch(*parts, seed=batches[0].seed, classes=classes)
+        task_seeds = None if any(b.task_seeds is None for b in batches) else torch.cat([b.task_seeds for b in batches])
+        return TaskBatch(*parts, seed=batches[0].seed, classes=classes, task_seeds=task_seeds)
 
 
 @dataclass(frozen=True)

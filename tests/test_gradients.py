@@ -264,6 +264,40 @@ def test_evaluation_scores_match_manual_sgd(setup, vectorize, task_chunk):
         torch.testing.assert_close(scores[i], torch.tensor(expected, dtype=scores.dtype))
 
 
+@pytest.mark.parametrize("vectorize, task_chunk", [("batched", "auto"), ("batched", 2), ("vmap", "auto"), ("loop", "auto")])
+def test_reptile_evaluation_on_minibatches_matches_manual_sgd(setup, vectorize, task_chunk):
+    """eval_inner_batch_size (the reference's --eval-batch): each adaptation step sees a mini-batch of
+    the support set, task t's drawn from its own seed, so the scores do not depend on how tasks are batched."""
+    model, tasks, theta, unflatten, loss = setup
+    tasks.task_seeds = torch.tensor([11, 12, 13])
+    algo = Reptile(inner_lr=0.1, inner_steps=1, eval_inner_steps=4, eval_inner_lr=INNER_LR, outer_lr=1.0,
+                   eval_inner_batch_size=2, vectorize=vectorize, task_chunk=task_chunk)
+    fmodel = FunctionalModel(model, REGRESSION)
+    with torch.no_grad():
+        scores = algo.evaluate(fmodel, tasks)
+    for i in range(tasks.num_tasks):
+        xs, ys, xq, yq = (t[i] for t in tasks.tensors())
+        generator = torch.Generator().manual_seed(11 + i)  # the task's seed
+        order = torch.cat([torch.rand(5, generator=generator).argsort() for _ in range(2)])
+        assert sorted(order[:5].tolist()) == [0, 1, 2, 3, 4]  # 4 steps of 2 from 5 points: a shuffled epoch, then the next
+        w = theta.clone()
+        expected = [loss(w, xq, yq).item()]
+        for step in range(4):
+            batch = order[2 * step : 2 * step + 2]
+            w.requires_grad_(True)
+            with torch.enable_grad():
+                g = torch.autograd.grad(loss(w, xs[batch], ys[batch]), w)[0]
+            w = (w - INNER_LR * g).detach()
+            expected.append(loss(w, xq, yq).item())
+        torch.testing.assert_close(scores[i], torch.tensor(expected, dtype=scores.dtype))
+    with torch.no_grad():  # the same scores for the tasks scored apart
+        apart = torch.cat([algo.evaluate(fmodel, tasks.slice(0, 1)), algo.evaluate(fmodel, tasks.slice(1, 3))])
+    torch.testing.assert_close(apart, scores)
+    full = Reptile(inner_lr=0.1, inner_steps=1, eval_inner_steps=4, eval_inner_lr=INNER_LR, outer_lr=1.0, eval_inner_batch_size=5)
+    with torch.no_grad():  # a batch as large as the support set is the whole support set
+        torch.testing.assert_close(full.evaluate(fmodel, tasks), MAML(inner_lr=INNER_LR, inner_steps=1, eval_inner_steps=4, outer_lr=1e-3).evaluate(fmodel, tasks))
+
+
 def test_models_unknown_to_the_batched_path_use_vmap_or_the_functional_loop(setup):
     """A plain nn.Sequential is not a metalearn model: auto falls back to vmap; both agree."""
     _, tasks, *_ = setup

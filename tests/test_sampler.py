@@ -77,6 +77,10 @@ def test_fixed_evaluation_tasks():
     assert torch.equal(ten.query_y, again.query_y)
     # task i does not depend on how many tasks are asked for
     assert torch.equal(s.fixed_tasks("test", 4, task_seed=0).support_x, ten.support_x[:4])
+    # each task carries its own seed (for randomness at evaluation), the same however many are drawn
+    assert ten.task_seeds.shape == (10,) and len(set(ten.task_seeds.tolist())) == 10
+    assert torch.equal(s.fixed_tasks("test", 4, task_seed=0).task_seeds, ten.task_seeds[:4])
+    assert torch.equal(ten.slice(2, 5).task_seeds, ten.task_seeds[2:5])
     # splits and seeds give other tasks; training never draws a test task
     assert not torch.equal(s.fixed_tasks("val", 10, task_seed=0).support_x, ten.support_x)
     assert not torch.equal(s.fixed_tasks("test", 10, task_seed=1).support_x, ten.support_x)
@@ -84,3 +88,4 @@ def test_fixed_evaluation_tasks():
     chunks = TaskChunks(ten, chunk_size=4)
     assert [c.num_tasks for c in chunks] == [4, 4, 2]
     assert torch.equal(torch.cat([c.support_x for c in chunks]), ten.support_x)
+    assert torch.equal(torch.cat([c.task_seeds for c in chunks]), ten.task_seeds)

@@ -228,6 +228,11 @@ class Algorithm(ABC):
     def eval_optimizer(self):
         return InnerSGD(self.eval_inner_lr)
 
+    def eval_support_indices(self, tasks: TaskBatch, steps: int) -> Tensor | None:
+        """[T, steps, b]: the support examples each adaptation step of evaluation sees, or None for the
+        whole support set at every step (the default)."""
+        return None
+
     def evaluate(self, fmodel: FunctionalModel, tasks: TaskBatch, steps: int | None = None) -> Tensor:
         """Adapt to each task's support set and score its query set before and after each step.
 
@@ -240,33 +245,44 @@ class Algorithm(ABC):
         optimizer = self.eval_optimizer()
         metric = fmodel.objective.metric
         how = self.execution(fmodel, tasks)
+        indices = self.eval_support_indices(tasks, steps)
+        extra = () if indices is None else (indices.to(tasks.support_x.device),)
         if how in ("batched", "loop") and batched.supports(fmodel.module):
             return over_task_slices(
-                lambda part: self._evaluate_batched(fmodel, params, optimizer, part, steps), tasks, self.chunk(fmodel, tasks, how)
+                lambda part, *index: self._evaluate_batched(fmodel, params, optimizer, part, steps, *index),
+                tasks, self.chunk(fmodel, tasks, how), *extra,
             )
 
-        def score(support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> Tensor:
+        def score(support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, *index: Tensor) -> Tensor:
             adapted, state = params, optimizer.init(params)
             scores = [metric(fmodel(adapted, query_x, 0), query_y)]
             for step in range(steps):
-                grads = grad(fmodel.loss)(adapted, support_x, support_y, step)
+                x, y = (support_x[index[0][step]], support_y[index[0][step]]) if index else (support_x, support_y)
+                grads = grad(fmodel.loss)(adapted, x, y, step)
                 adapted, state = optimizer.step(adapted, grads, state)
                 scores.append(metric(fmodel(adapted, query_x, step + 1), query_y))
             return torch.stack(scores)
 
         with torch.enable_grad():
-            return over_tasks(score, how, *tasks.tensors()).detach()
+            return over_tasks(score, how, *tasks.tensors(), *extra).detach()
 
     @staticmethod
-    def _evaluate_batched(fmodel: FunctionalModel, params: Params, optimizer, tasks: TaskBatch, steps: int) -> Tensor:
+    def _evaluate_batched(fmodel: FunctionalModel, params: Params, optimizer, tasks: TaskBatch, steps: int,
+                          indices: Tensor | None = None) -> Tensor:
         objective, module = fmodel.objective, fmodel.module
+        rows = torch.arange(tasks.num_tasks, device=tasks.support_x.device).unsqueeze(1)
+
+        def support(step: int) -> tuple[Tensor, Tensor]:  # the whole support set, or this step's mini-batches
+            if indices is None:
+                return tasks.support_x, tasks.support_y
+            return tasks.support_x[rows, indices[:, step]], tasks.support_y[rows, indices[:, step]]
 
         def score(step: int, adapted: Params) -> Tensor:
             return objective.task_metric(batched.batched_forward(module, adapted, tasks.query_x, step), tasks.query_y)
 
         with torch.no_grad():
             scores = [score(0, batched.expand(params, tasks.num_tasks))]
-        adapt_detached(fmodel, params, optimizer, tasks.num_tasks, lambda step: (tasks.support_x, tasks.support_y), steps,
+        adapt_detached(fmodel, params, optimizer, tasks.num_tasks, support, steps,
                        after_step=lambda step, adapted: scores.append(score(step, adapted)))
         return torch.stack(scores, dim=1)
 

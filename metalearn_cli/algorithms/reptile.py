@@ -2,7 +2,8 @@
 
 For each task i of a meta-batch, run `inner_steps` steps of SGD or Adam from theta on the task's
 support set (full batch, or mini-batches of `inner_batch_size` drawn without replacement, epoch by
-epoch), giving theta~_i. The meta-update is
+epoch), giving theta~_i. Evaluation adapts the same way with `eval_inner_batch_size` (the
+reference's `--eval-batch`; null: the whole support set at every step). The meta-update is
 
     theta <- theta + epsilon * mean_i (theta~_i - theta),
 
@@ -80,6 +81,7 @@ class Reptile(Algorithm):
         inner_optimizer: str = "sgd",
         inner_betas: Sequence[float] = (0.0, 0.999),
         inner_batch_size: int | None = None,
+        eval_inner_batch_size: int | None = None,
         eval_inner_optimizer: str = "sgd",
         outer_lr_final: float = 0.0,
         inner_state: str = "reset",
@@ -93,6 +95,7 @@ class Reptile(Algorithm):
         self.inner_optimizer = inner_optimizer
         self.inner_betas = tuple(inner_betas)
         self.inner_batch_size = inner_batch_size
+        self.eval_inner_batch_size = eval_inner_batch_size
         self.eval_inner_optimizer = eval_inner_optimizer
         self.outer_lr_final = float(outer_lr_final)
         self.inner_state = inner_state
@@ -129,15 +132,24 @@ class Reptile(Algorithm):
         return make_inner_optimizer(self.eval_inner_optimizer, self.eval_inner_lr, self.inner_betas, start=start)
 
     def _batch_indices(self, tasks: TaskBatch) -> Tensor:
-        """[T, inner_steps, b] indices into each task's support set: shuffled epochs, consecutive chunks."""
+        """[T, inner_steps, b] indices into each task's support set for meta-training, drawn from the
+        batch's seed."""
         num_tasks, support = tasks.support_x.shape[:2]
         b = self.inner_batch_size
         if b is None or b >= support:
             return torch.arange(support).expand(num_tasks, self.inner_steps, support)
-        generator = torch.Generator().manual_seed(tasks.seed)
-        epochs = -(-self.inner_steps * b // support)
-        order = torch.cat([torch.rand(num_tasks, support, generator=generator).argsort(1) for _ in range(epochs)], 1)
-        return order[:, : self.inner_steps * b].reshape(num_tasks, self.inner_steps, b)
+        return mini_batches(num_tasks, support, self.inner_steps, b, torch.Generator().manual_seed(tasks.seed))
+
+    def eval_support_indices(self, tasks: TaskBatch, steps: int) -> Tensor | None:
+        """With `eval_inner_batch_size` smaller than the support set: [T, steps, b] indices, task t's drawn
+        from its own seed (`TaskBatch.task_seeds`), so a task gets the same mini-batches however the
+        tasks are batched."""
+        support, b = tasks.support_x.shape[1], self.eval_inner_batch_size
+        if b is None or b >= support:
+            return None
+        if tasks.task_seeds is None:  # tasks built by hand (tests, bench): one generator for the batch
+            return mini_batches(tasks.num_tasks, support, steps, b, torch.Generator().manual_seed(tasks.seed))
+        return torch.cat([mini_batches(1, support, steps, b, torch.Generator().manual_seed(int(seed))) for seed in tasks.task_seeds])
 
     def meta_step(self, fmodel: FunctionalModel, tasks: TaskBatch) -> MetaStep:
         """The update direction theta - mean_i theta~_i (does not touch the model's parameters; with
@@ -194,6 +206,15 @@ class Reptile(Algorithm):
             prediction = batched_forward(fmodel.module, params, tasks.query_x, self.inner_steps)
             query_losses = fmodel.objective.task_loss(prediction, tasks.query_y)
         return params, query_losses, _moments(state, keep_moments)
+
+
+def mini_batches(num_tasks: int, support: int, steps: int, size: int, generator: torch.Generator) -> Tensor:
+    """[num_tasks, steps, size] indices into a support set of `support` examples: each task's examples
+    shuffled epoch after epoch and cut into consecutive mini-batches (a mini-batch may straddle two
+    epochs), as the reference code's `_mini_batches` does without replacement."""
+    epochs = -(-steps * size // support)
+    order = torch.cat([torch.rand(num_tasks, support, generator=generator).argsort(1) for _ in range(epochs)], 1)
+    return order[:, : steps * size].reshape(num_tasks, steps, size)
 
 
 def _moments(state: dict, keep: bool) -> dict[str, Tensor]:
