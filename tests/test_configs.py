@@ -26,6 +26,18 @@ def test_every_algorithm_builds_and_takes_a_meta_step(compose_cfg, algo):
     assert scores.shape == (3, cfg.algo.eval_inner_steps + 1)
 
 
+def test_data_and_tuning_configs_override_the_defaults_in_train_yaml(compose_cfg):
+    """A data config's settings win over train.yaml's own (its defaults list puts _self_ first), and the
+    command line wins over both: data/omniglot.yaml's 200 validation tasks were once silently 600."""
+    assert compose_cfg().eval.val_tasks == 600
+    for data in ("omniglot", "mnist", "cifar_fs", "miniimagenet", "folder"):
+        assert compose_cfg(f"data={data}").eval.val_tasks == 200, data
+    assert compose_cfg("data=omniglot", "eval.val_tasks=50").eval.val_tasks == 50
+    cfg = compose_cfg("data=omniglot", "algo=reptile")
+    assert cfg.trainer.max_steps == 100000 and cfg.algo.inner_state == "carry"  # tuning/reptile_omniglot.yaml
+    assert cfg.eval.num_tasks == 600 and cfg.seed == 0 and cfg.checkpoint.every_n_steps == 1000  # train.yaml's own
+
+
 def test_defaults_are_the_maml_paper_sinusoid_experiment(compose_cfg):
     cfg = compose_cfg()
     assert cfg.data._target_.endswith("Sinusoid")
