@@ -174,3 +174,47 @@ def iterations_per_batch(cfg: DictConfig) -> int:
             "divisor of those values."
         )
     return value
+
+
+#: config groups a resumed run must share with its checkpoint: another choice is another experiment
+RESUME_GROUPS = ("data", "algo", "model")
+
+
+def check_resume(saved_config: dict, saved_choices: dict, cfg: DictConfig, choices: dict, ckpt: str,
+                 run_dirs: tuple[str, str] = ("", "")) -> list[str]:
+    """Before resuming from `ckpt`: refuse another data set, algorithm or model than the checkpoint's
+    run had, and return the other settings that differ (`key: old -> new`). Those may change on purpose
+    (trainer.max_steps to train longer), but the user should see them: a resume continues the run
+    exactly only under the same settings, and Reptile's meta step anneals over trainer.max_steps.
+    `run_dirs` (the checkpoint's run folder, this run's): paths inside them count as the same (the
+    loggers write into the run folder, which a resume never reuses)."""
+    for group in RESUME_GROUPS:
+        old, new = saved_choices.get(group), choices.get(group)
+        if old is not None and old != new:
+            raise MetalearnError(
+                f"`ckpt_path` = {ckpt!r} was trained with `{group}={old}`, but this command composes `{group}={new}`. "
+                f"A resume continues the same run: repeat the training command's overrides (its run folder's "
+                f".hydra/overrides.yaml lists them) and add `ckpt_path=...`."
+            )
+    before, now = _flatten(saved_config), _flatten(OmegaConf.to_container(cfg, resolve=True))
+    absent = object()
+    changed = []
+    for key in sorted(set(before) | set(now)):
+        old, new = before.get(key, absent), now.get(key, absent)
+        if key == "ckpt_path" or old == new or (old is absent and new is None):  # None: a key added since, at its default
+            continue
+        if isinstance(old, str) and isinstance(new, str) and all(run_dirs) and (
+            old.replace(run_dirs[0], "<run>", 1) == new.replace(run_dirs[1], "<run>", 1)
+        ):
+            continue
+        changed.append(f"{key}: {'(absent)' if old is absent else repr(old)} -> {'(absent)' if new is absent else repr(new)}")
+    return changed
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}{key}."))
+    return {k.rstrip("."): v for k, v in out.items()}

@@ -3,6 +3,7 @@ fixed test tasks. Returns the best validation metric (what Hydra sweepers optimi
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from metalearn_cli.config_checks import check_config, check_tuning_override, tuning_options
+from metalearn_cli.config_checks import check_config, check_resume, check_tuning_override, tuning_options
 from metalearn_cli.errors import MetalearnError, exits_cleanly
 
 if TYPE_CHECKING:
@@ -30,10 +31,15 @@ def train(cfg: DictConfig) -> float | None:
     check_config(cfg)  # first, and before torch and Lightning are imported: bad input fails in a second
     check_tuning_override(list(HydraConfig.get().overrides.task), tuning_options())
     from metalearn_cli.build import build_tasks
-    from metalearn_cli.run_folder import read_checkpoint
+    from metalearn_cli.run_folder import CHECKPOINT_KEY, read_checkpoint, run_dir_of_checkpoint
 
+    choices = group_choices()
     if cfg.ckpt_path is not None:
-        read_checkpoint(cfg.ckpt_path, "ckpt_path")
+        record = read_checkpoint(cfg.ckpt_path, "ckpt_path")[CHECKPOINT_KEY]
+        changed = check_resume(record["config"], record.get("choices", {}), cfg, choices, str(cfg.ckpt_path),
+                               run_dirs=(str(run_dir_of_checkpoint(cfg.ckpt_path)), str(run_dir)))
+        if changed:
+            print(f"Resuming {cfg.ckpt_path} with settings that differ from its run's: {'; '.join(changed)}.", file=sys.stderr)
     tasks = build_tasks(cfg)  # the data and shape checks, before Lightning is imported
     import pytorch_lightning as pl
     from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -48,7 +54,6 @@ def train(cfg: DictConfig) -> float | None:
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     quiet_third_party()
-    choices = group_choices()
     experiment = build_experiment(cfg, choices, tasks)
     trainer = build_trainer(cfg, run_dir, experiment, training=True)
     refuse_relaunch_in_a_sweep(trainer)
@@ -63,9 +68,10 @@ def train(cfg: DictConfig) -> float | None:
     train_seconds = time.time() - started
     if stop.requested:
         last = checkpoints.last_path
+        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("ckpt_path=", "hydra.run.dir="))]
         message = (
             f"Stopped by {stop.name} after meta-iteration {trainer.global_step}; saved {last}. "
-            f"Resume with: metalearn train <the same overrides> ckpt_path={last}"
+            f"Resume with: metalearn train {' '.join(shlex.quote(o) for o in [*overrides, f'ckpt_path={last}'])}"
         )
         print(message, file=sys.stderr)
         sys.exit(128 + stop.signal)

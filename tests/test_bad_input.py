@@ -126,6 +126,16 @@ def test_eval_overrides_that_conflict_with_the_checkpoint(run_cli, trained_run):
     assert _snapshot(trained_run) == before
 
 
+def test_resume_under_another_algorithm_is_refused(run_cli, tmp_path, trained_run):
+    """A resume continues the same run: another algo (or data, or model) would silently train another
+    experiment from these weights, or fail inside Lightning."""
+    before = _snapshot(trained_run)
+    proc = run_cli("train", *FAST, "algo=reptile", f"ckpt_path={trained_run}/checkpoints/last.ckpt", "hydra.run.dir=resumed")
+    assert_clean_error(proc, "ckpt_path", "algo=maml", "algo=reptile", "overrides.yaml")
+    assert not (tmp_path / "resumed" / "checkpoints").exists()
+    assert _snapshot(trained_run) == before
+
+
 def test_output_folder_that_cannot_be_written(run_cli, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")

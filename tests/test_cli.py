@@ -99,8 +99,9 @@ def test_resume_continues_the_run(run_cli, tmp_path):
               "eval.val_tasks=4", "checkpoint.every_n_steps=5"]
     run_cli("train", "trainer.max_steps=10", *common, "hydra.run.dir=full", check=True)
     run_cli("train", "trainer.max_steps=5", *common, "hydra.run.dir=first", check=True)
-    run_cli("train", "trainer.max_steps=10", *common, "hydra.run.dir=resumed",
-            f"ckpt_path={tmp_path}/first/checkpoints/last.ckpt", check=True)
+    proc = run_cli("train", "trainer.max_steps=10", *common, "hydra.run.dir=resumed",
+                   f"ckpt_path={tmp_path}/first/checkpoints/last.ckpt", check=True)
+    assert "settings that differ from its run's: trainer.max_steps: 5 -> 10." in proc.stderr  # and nothing else
     full = torch.load(tmp_path / "full/checkpoints/last.ckpt", weights_only=True)
     resumed = torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=True)
     assert resumed["global_step"] == 10

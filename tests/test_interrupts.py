@@ -38,7 +38,12 @@ def test_a_signal_saves_last_ckpt_and_the_run_resumes(tmp_path, run_cli, signum)
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum, err
-    assert "Traceback" not in err and "Resume with: metalearn train" in err and "ckpt_path=" in err
+    assert "Traceback" not in err
+    # the command to resume names the run's own overrides (not its run folder, which a resume may not reuse)
+    command = err.split("Resume with: ")[1].strip().splitlines()[0]
+    assert command.startswith("metalearn train ") and "trainer.max_steps=1000000" in command
+    assert "trainer.log_every_n_steps=5" in command and "hydra.run.dir" not in command
+    assert command.endswith(f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}")
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(last, weights_only=True)
     stopped_at = checkpoint["global_step"]
