@@ -212,9 +212,10 @@ def check_resume(saved_config: dict, saved_choices: dict, cfg: DictConfig, choic
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}"""
     if not isinstance(tree, dict):
         return {prefix: tree}
     out: dict[str, Any] = {}
     for key, value in tree.items():
-        out.update(_flatten(value, f"{prefix}{key}."))
-    return {k.rstrip("."): v for k, v in out.items()}
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
