@@ -27,6 +27,8 @@ class RunCheckpoints(pl.Callback):
         self.best_score: float | None = None
         self.best_step: int | None = None
         self._last_saved_step = -1
+        #: True once training stopped on a StopRequest (of this rank or of another)
+        self.stopped = False
 
     @property
     def last_path(self) -> Path:
@@ -59,10 +61,19 @@ class RunCheckpoints(pl.Callback):
         return score < self.best_score if self.mode == "min" else score > self.best_score
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        stopping = self.stop is not None and self.stop.requested
+        requested = self.stop is not None and self.stop.requested
+        # Every rank stops after the same meta-iteration: saving is collective (a barrier), so a rank that
+        # saw the signal one meta-iteration later would wait forever in the next step's all-reduce.
+        # One rank's signal is enough (`kill` of the main process reaches no other rank).
+        stopping = trainer.strategy.reduce_boolean_decision(requested, all=False)
         if stopping or (self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0):
             self.save_last(trainer)
         if stopping:
+            self.stopped = True
+            # Lightning validates when `should_stop` is set (for early stopping); on the way out that is
+            # a full validation (600 tasks: ~95 s on a CPU) inside SLURM's grace period, for a number the
+            # resumed run measures anyway at its next validation.
+            trainer.limit_val_batches = 0
             trainer.should_stop = True
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

@@ -4,6 +4,7 @@ fixed test tasks. Returns the best validation metric (what Hydra sweepers optimi
 from __future__ import annotations
 
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -66,15 +67,17 @@ def train(cfg: DictConfig) -> float | None:
         except SIGTERMException:
             pass  # Lightning's own reaction to SIGTERM; last.ckpt is already written
     train_seconds = time.time() - started
-    if stop.requested:
+    if stop.requested or checkpoints.stopped:
         last = checkpoints.last_path
         overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("ckpt_path=", "hydra.run.dir="))]
+        by = stop.name or "a signal to another rank"
         message = (
-            f"Stopped by {stop.name} after meta-iteration {trainer.global_step}; saved {last}. "
+            f"Stopped by {by} after meta-iteration {trainer.global_step}; saved {last}. "
             f"Resume with: metalearn train {' '.join(shlex.quote(o) for o in [*overrides, f'ckpt_path={last}'])}"
         )
-        print(message, file=sys.stderr)
-        sys.exit(128 + stop.signal)
+        if trainer.is_global_zero:
+            print(message, file=sys.stderr)
+        sys.exit(128 + (stop.signal or signal.SIGTERM))
     best = checkpoints.best_path if checkpoints.best_path.exists() else checkpoints.last_path
     trainer.test(experiment.module, datamodule=experiment.datamodule, ckpt_path=str(best), verbose=False, weights_only=True)
     if not trainer.is_global_zero:
