@@ -18,9 +18,7 @@ def run_summary(experiment, cfg: DictConfig, choices: dict, ckpt: Path | str, sp
         ways=experiment.sampler.ways,
         shots=experiment.sampler.shots,
         queries=experiment.sampler.queries,
-        eval_inner_lr=experiment.algorithm.eval_inner_lr,
-        eval_inner_optimizer=getattr(experiment.algorithm, "eval_inner_optimizer", "sgd"),
-        eval_inner_batch_size=getattr(experiment.algorithm, "eval_inner_batch_size", None),
+        **experiment.algorithm.eval_protocol(),
         task_seed=int(cfg.eval.task_seed),
         seed=int(cfg.seed),
     )

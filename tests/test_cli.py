@@ -134,6 +134,10 @@ def test_omniglot_train_and_eval(run_cli, tmp_path, algo, omniglot_cache):
     report = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert report["data"] == "omniglot" and report["shots"] == 5 and report["num_tasks"] == 4
     assert len(report["per_step"]) == 2
+    # how the tasks were adapted is on record (tuning/reptile_omniglot adapts with Adam, as the Reptile paper)
+    assert report["eval_inner_lr"] > 0 and report["eval_inner_optimizer"] == ("adam" if algo == "reptile" else "sgd")
+    if algo == "finetune":  # which of Baseline / Baseline++ the number belongs to
+        assert (report["head"], report["finetune_backbone"], report["eval_momentum"]) == ("linear", False, 0.9)
     if algo == "reptile":  # keys only Reptile's config has: eval composes with the checkpoint's algorithm
         run_cli("eval", f"ckpt={tmp_path}/run/checkpoints/last.ckpt", "sampler.shots=5", "eval.num_tasks=4",
                 "algo.eval_inner_steps=1", "algo.eval_inner_optimizer=adam", "algo.eval_inner_batch_size=3", check=True)

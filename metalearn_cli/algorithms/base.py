@@ -228,6 +228,10 @@ class Algorithm(ABC):
     def eval_optimizer(self):
         return InnerSGD(self.eval_inner_lr)
 
+    def eval_protocol(self) -> dict:
+        """How validation and test tasks are adapted, as `test.json` and `eval.json` record it."""
+        return {"eval_inner_lr": self.eval_inner_lr, "eval_inner_optimizer": "sgd", "eval_inner_batch_size": None}
+
     def eval_support_indices(self, tasks: TaskBatch, steps: int) -> Tensor | None:
         """[T, steps, b]: the support examples each adaptation step of evaluation sees, or None for the
         whole support set at every step (the default)."""

@@ -88,6 +88,11 @@ class Finetune(Algorithm):
         return MetaStep(loss=loss, metrics={"loss": loss.detach(), objective.metric_name: metric})
 
     # -- test: a new head per task ---------------------------------------------------------
+    def eval_protocol(self) -> dict:
+        """Baseline and Baseline++ differ only here: the head trained on each task's support set."""
+        return {**super().eval_protocol(), "head": self.head, "finetune_backbone": self.finetune_backbone,
+                "eval_momentum": self.eval_momentum, "eval_weight_decay": self.eval_weight_decay}
+
     def evaluate(self, fmodel: FunctionalModel, tasks: TaskBatch, steps: int | None = None) -> Tensor:
         if self.classifier is None:
             return super().evaluate(fmodel, tasks, steps)

@@ -131,6 +131,10 @@ class Reptile(Algorithm):
         start = self.carried.state() if self.carried is not None else None
         return make_inner_optimizer(self.eval_inner_optimizer, self.eval_inner_lr, self.inner_betas, start=start)
 
+    def eval_protocol(self) -> dict:
+        return {**super().eval_protocol(), "eval_inner_optimizer": self.eval_inner_optimizer,
+                "eval_inner_batch_size": self.eval_inner_batch_size}
+
     def _batch_indices(self, tasks: TaskBatch) -> Tensor:
         """[T, inner_steps, b] indices into each task's support set for meta-training, drawn from the
         batch's seed."""
