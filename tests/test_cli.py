@@ -143,3 +143,7 @@ def test_omniglot_train_and_eval(run_cli, tmp_path, algo, omniglot_cache):
                 "algo.eval_inner_steps=1", "algo.eval_inner_optimizer=adam", "algo.eval_inner_batch_size=3", check=True)
         report = json.loads((tmp_path / "run" / "eval.json").read_text())
         assert (report["eval_inner_optimizer"], report["eval_inner_batch_size"]) == ("adam", 3)
+        # tuning/reptile_omniglot carries Adam's state out of meta-training into each test task's adaptation
+        carried = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+        steps = next(int(v) for k, v in carried.items() if k.endswith("inner_state.t"))
+        assert report["eval_adam_start"] == "carried" and report["eval_adam_carried_steps"] == steps > 0

@@ -132,8 +132,15 @@ class Reptile(Algorithm):
         return make_inner_optimizer(self.eval_inner_optimizer, self.eval_inner_lr, self.inner_betas, start=start)
 
     def eval_protocol(self) -> dict:
-        return {**super().eval_protocol(), "eval_inner_optimizer": self.eval_inner_optimizer,
-                "eval_inner_batch_size": self.eval_inner_batch_size}
+        """With Adam at test time: whether each task's Adam starts from zeros or from the state carried
+        out of meta-training (`inner_state=carry`), and how many steps that state had seen."""
+        protocol = {**super().eval_protocol(), "eval_inner_optimizer": self.eval_inner_optimizer,
+                    "eval_inner_batch_size": self.eval_inner_batch_size}
+        if self.eval_inner_optimizer == "adam":
+            protocol["eval_adam_start"] = "zeros" if self.carried is None else "carried"
+            if self.carried is not None:
+                protocol["eval_adam_carried_steps"] = int(self.carried.t)
+        return protocol
 
     def _batch_indices(self, tasks: TaskBatch) -> Tensor:
         """[T, inner_steps, b] indices into each task's support set for meta-training, drawn from the
