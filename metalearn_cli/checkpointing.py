@@ -11,6 +11,8 @@ from typing import Any
 
 import pytorch_lightning as pl
 
+from metalearn_cli.interrupts import StoppedDuringValidation
+
 
 class RunCheckpoints(pl.Callback):
     def __init__(
@@ -60,21 +62,41 @@ class RunCheckpoints(pl.Callback):
             return True
         return score < self.best_score if self.mode == "min" else score > self.best_score
 
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.stop is not None:
+            self.stop.claim()  # SIGTERM back from Lightning's handler (interrupts.py says why)
+
+    def _stopping(self, trainer: pl.Trainer) -> bool:
+        """Whether any rank was asked to stop. Collective: every rank calls it at the same point.
+        Every rank stops after the same meta-iteration: saving is collective (a barrier), so a rank that
+        saw the signal one meta-iteration later would wait forever in the next step's all-reduce.
+        One rank's signal is enough (`kill` of the main process reaches no other rank)."""
         requested = self.stop is not None and self.stop.requested
-        # Every rank stops after the same meta-iteration: saving is collective (a barrier), so a rank that
-        # saw the signal one meta-iteration later would wait forever in the next step's all-reduce.
-        # One rank's signal is enough (`kill` of the main process reaches no other rank).
-        stopping = trainer.strategy.reduce_boolean_decision(requested, all=False)
-        if stopping or (self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0):
+        return trainer.strategy.reduce_boolean_decision(requested, all=False)
+
+    def _stop(self, trainer: pl.Trainer) -> None:
+        if self._last_saved_step != trainer.global_step:
             self.save_last(trainer)
-        if stopping:
-            self.stopped = True
-            # Lightning validates when `should_stop` is set (for early stopping); on the way out that is
-            # a full validation (600 tasks: ~95 s on a CPU) inside SLURM's grace period, for a number the
-            # resumed run measures anyway at its next validation.
-            trainer.limit_val_batches = 0
-            trainer.should_stop = True
+        self.stopped = True
+        # Lightning validates when `should_stop` is set (for early stopping); on the way out that is
+        # a full validation (600 tasks: ~95 s on a CPU) inside SLURM's grace period, for a number the
+        # resumed run measures anyway at its next validation.
+        trainer.limit_val_batches = 0
+        trainer.should_stop = True
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self._stopping(trainer):
+            self._stop(trainer)
+        elif self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
+            self.save_last(trainer)
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        # A stop asked for during a validation (600 tasks: ~95 s on a CPU) need not wait for its end on
+        # one device. Under DDP the ranks score different numbers of chunks, so no collective can run
+        # here; they decide together when the validation ends (on_validation_end).
+        if (self.stop is not None and self.stop.requested and trainer.world_size == 1
+                and trainer.state.fn == "fit" and not trainer.sanity_checking):
+            raise StoppedDuringValidation()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # a stop requested during validation: the weights are those of the last finished meta-iteration
@@ -88,6 +110,8 @@ class RunCheckpoints(pl.Callback):
         if score is not None and self._improved(float(score)):
             self.best_score, self.best_step = float(score), trainer.global_step
             self.save(trainer, self.best_path)
+        if self._stopping(trainer):  # asked during this validation: stop before the next meta-iteration
+            self._stop(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._last_saved_step != trainer.global_step:

@@ -1,6 +1,12 @@
-"""Stopping a run on SIGINT (Ctrl-C) or SIGTERM (what SLURM sends before a time limit) without
-losing it: the current meta-iteration finishes, `last.ckpt` is written, and the command exits with
-a message saying how to resume. A second Ctrl-C stops at once."""
+"""Stopping a run on SIGINT (Ctrl-C) or SIGTERM (what SLURM sends before a time limit, on scancel and
+on preemption) without losing it: the current meta-iteration finishes, `last.ckpt` is written, and
+the command exits with a message saying how to resume. A second Ctrl-C stops at once.
+
+Lightning installs a SIGTERM handler of its own when fit starts. Under DDP that handler runs a
+collective (a broadcast) inside the signal handler and raises on each rank at whichever step that
+rank notices, so a SIGTERM that reaches every rank at once (scancel) left the ranks waiting for one
+another forever. `StopRequest.claim` takes SIGTERM back once Lightning has installed its handler:
+both signals then go through the one decision that every rank takes together (checkpointing.py)."""
 
 from __future__ import annotations
 
@@ -39,7 +45,18 @@ class StopRequest:
                 pass
         return self
 
+    def claim(self) -> None:
+        """Handle SIGINT and SIGTERM here again, replacing handlers installed since `__enter__`
+        (Lightning's, which restores ours when fit ends)."""
+        for signum in self._previous:
+            signal.signal(signum, self._handle)
+
     def __exit__(self, *exc: Any) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
+
+
+class StoppedDuringValidation(Exception):
+    """Raised on a single device when a stop is requested in the middle of a validation: the weights
+    are those of the last finished meta-iteration, saved on the way out (RunCheckpoints.on_exception)."""

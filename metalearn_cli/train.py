@@ -48,7 +48,7 @@ def train(cfg: DictConfig) -> float | None:
     from metalearn_cli.build import build_experiment, build_trainer
     from metalearn_cli.checkpointing import RunCheckpoints
     from metalearn_cli.console import quiet_third_party
-    from metalearn_cli.interrupts import StopRequest
+    from metalearn_cli.interrupts import StoppedDuringValidation, StopRequest
     from metalearn_cli.run_folder import write_json_atomic
     from metalearn_cli.stats import format_table
     from metalearn_cli.summary import describe_result, run_summary
@@ -64,8 +64,8 @@ def train(cfg: DictConfig) -> float | None:
         checkpoints.stop = stop
         try:
             trainer.fit(experiment.module, datamodule=experiment.datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
-        except SIGTERMException:
-            pass  # Lightning's own reaction to SIGTERM; last.ckpt is already written
+        except (SIGTERMException, StoppedDuringValidation):
+            pass  # a stop in the middle of a validation (or Lightning's own SIGTERM); last.ckpt is written
     train_seconds = time.time() - started
     if stop.requested or checkpoints.stopped:
         last = checkpoints.last_path

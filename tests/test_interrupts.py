@@ -14,11 +14,12 @@ COMMON = ["trainer.val_check_interval=100000", "trainer.enable_progress_bar=fals
           "eval.val_tasks=4", "checkpoint.every_n_steps=1000000"]
 
 
-def _start(tmp_path, *args):
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+def _start(tmp_path, *args, common=COMMON, stdout=subprocess.PIPE, stderr=subprocess.PIPE):
+    # FORCE_COLOR: Lightning's Rich progress bar is drawn as it goes (not only at the end) into a file
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1", FORCE_COLOR="1")
     # a session of its own: a test that fails can kill every rank the run started (see _finish)
-    return subprocess.Popen([metalearn_executable(), "train", *COMMON, *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen([metalearn_executable(), "train", *common, *args], cwd=tmp_path, env=env,
+                            stdout=stdout, stderr=stderr, text=True, start_new_session=True)
 
 
 def _finish(proc, timeout: float) -> tuple[str, str]:
@@ -70,16 +71,50 @@ def test_a_signal_saves_last_ckpt_and_the_run_resumes(tmp_path, run_cli, signum)
     assert torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=True)["global_step"] == stopped_at + 3
 
 
-def test_a_signal_to_rank_zero_alone_stops_every_rank_after_the_same_meta_iteration(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_a_validation_stops_there_without_another_meta_iteration(tmp_path, signum):
+    """A validation of 600 Omniglot tasks takes ~95 s on a CPU, longer than SLURM's grace period: a stop
+    asked for in the middle of one ends it there, saves the weights it was scoring (those of the last
+    meta-iteration), and runs no further meta-iteration."""
+    common = [c for c in COMMON if not c.startswith(("trainer.val_check_interval", "trainer.enable_progress_bar",
+                                                         "eval.val_tasks"))]
+    stdout_path, stderr_path = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with stdout_path.open("w") as stdout, stderr_path.open("w") as stderr:
+        # a validation long enough to be inside it (300 tasks one at a time, 50 steps each: ~10 s here)
+        proc = _start(tmp_path, "trainer.val_check_interval=3", "trainer.enable_progress_bar=true",
+                      "eval.val_tasks=300", "eval.batch_tasks=1", "algo.eval_inner_steps=50",
+                      "trainer.max_steps=1000000", "trainer.log_every_n_steps=1", "hydra.run.dir=run",
+                      common=common, stdout=stdout, stderr=stderr)
+        deadline = time.time() + 120
+        while "Validation" not in stdout_path.read_text() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)  # Lightning's progress bar (on stdout) says when the first validation (after 3) starts
+        assert proc.poll() is None and "Validation" in stdout_path.read_text(), stderr_path.read_text()[-2000:]
+        proc.send_signal(signum)
+        _finish(proc, timeout=120)
+    err = stderr_path.read_text()
+    assert proc.returncode == 128 + signum, err[-2000:]
+    assert "Traceback" not in err and "after meta-iteration 3;" in err
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    # the interrupted validation logged nothing (finishing it would log val/ at 3, then train a 4th time)
+    assert "val/" not in (tmp_path / "run" / "metrics.csv").read_text()
+
+
+@pytest.mark.parametrize("signum, every_rank", [(signal.SIGINT, False), (signal.SIGTERM, True)],
+                         ids=["sigint-to-rank-0", "sigterm-to-every-rank"])
+def test_a_signal_under_ddp_stops_every_rank_after_the_same_meta_iteration(tmp_path, signum, every_rank):
     """`kill <pid>` reaches the main process (rank 0) only; the other rank must stop with it rather than
-    wait forever in the next meta-iteration's all-reduce while rank 0 saves."""
+    wait forever in the next meta-iteration's all-reduce while rank 0 saves. SLURM's scancel (and a
+    preemption) sends SIGTERM to every process of the job at once, which Lightning also forwards from rank 0."""
     proc = _start(tmp_path, "trainer=ddp_cpu", "sampler.meta_batch_size=4", "trainer.max_steps=1000000",
                   "trainer.log_every_n_steps=1", "hydra.run.dir=run")
     _wait_for_training(proc, tmp_path, "run", timeout=300)
-    proc.send_signal(signal.SIGINT)
+    if every_rank:
+        os.killpg(proc.pid, signum)  # the run's own session: rank 0 and the rank it launched
+    else:
+        proc.send_signal(signum)
     # both ranks write to these pipes: this returns once every rank has exited
     out, err = _finish(proc, timeout=180)
-    assert proc.returncode == 128 + signal.SIGINT, err
+    assert proc.returncode == 128 + signum, err
     assert "Traceback" not in err
     assert err.count("Resume with: ") == 1, "one message, from rank 0"
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
