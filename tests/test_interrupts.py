@@ -71,32 +71,53 @@ def test_a_signal_saves_last_ckpt_and_the_run_resumes(tmp_path, run_cli, signum)
     assert torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=True)["global_step"] == stopped_at + 3
 
 
+def _signal_during_the_first_validation(tmp_path, signum, *args, every_rank=False, val_tasks=300) -> str:
+    """Start a run that validates after meta-iteration 3 for seconds (tasks one at a time, 50 steps
+    each), send `signum` once that validation has started, and return the run's stderr."""
+    common = [c for c in COMMON if not c.startswith(("trainer.val_check_interval", "trainer.enable_progress_bar",
+                                                         "eval.val_tasks"))]
+    stdout_path, stderr_path = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with stdout_path.open("w") as stdout, stderr_path.open("w") as stderr:
+        proc = _start(tmp_path, "trainer.val_check_interval=3", "trainer.enable_progress_bar=true",
+                      f"eval.val_tasks={val_tasks}", "eval.batch_tasks=1", "algo.eval_inner_steps=50",
+                      "trainer.max_steps=1000000", "trainer.log_every_n_steps=1", "hydra.run.dir=run", *args,
+                      common=common, stdout=stdout, stderr=stderr)
+        deadline = time.time() + 300
+        while "Validation" not in stdout_path.read_text() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)  # Lightning's progress bar (on stdout) says when the first validation starts
+        if proc.poll() is not None or "Validation" not in stdout_path.read_text():
+            _finish(proc, timeout=1)
+            raise AssertionError(f"no validation started: {stderr_path.read_text()[-2000:]}")
+        if every_rank:
+            os.killpg(proc.pid, signum)
+        else:
+            proc.send_signal(signum)
+        _finish(proc, timeout=180)
+    err = stderr_path.read_text()
+    assert proc.returncode == 128 + signum, err[-2000:]
+    assert "Traceback" not in err
+    return err
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_during_a_validation_stops_there_without_another_meta_iteration(tmp_path, signum):
     """A validation of 600 Omniglot tasks takes ~95 s on a CPU, longer than SLURM's grace period: a stop
     asked for in the middle of one ends it there, saves the weights it was scoring (those of the last
     meta-iteration), and runs no further meta-iteration."""
-    common = [c for c in COMMON if not c.startswith(("trainer.val_check_interval", "trainer.enable_progress_bar",
-                                                         "eval.val_tasks"))]
-    stdout_path, stderr_path = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
-    with stdout_path.open("w") as stdout, stderr_path.open("w") as stderr:
-        # a validation long enough to be inside it (300 tasks one at a time, 50 steps each: ~10 s here)
-        proc = _start(tmp_path, "trainer.val_check_interval=3", "trainer.enable_progress_bar=true",
-                      "eval.val_tasks=300", "eval.batch_tasks=1", "algo.eval_inner_steps=50",
-                      "trainer.max_steps=1000000", "trainer.log_every_n_steps=1", "hydra.run.dir=run",
-                      common=common, stdout=stdout, stderr=stderr)
-        deadline = time.time() + 120
-        while "Validation" not in stdout_path.read_text() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.1)  # Lightning's progress bar (on stdout) says when the first validation (after 3) starts
-        assert proc.poll() is None and "Validation" in stdout_path.read_text(), stderr_path.read_text()[-2000:]
-        proc.send_signal(signum)
-        _finish(proc, timeout=120)
-    err = stderr_path.read_text()
-    assert proc.returncode == 128 + signum, err[-2000:]
-    assert "Traceback" not in err and "after meta-iteration 3;" in err
+    err = _signal_during_the_first_validation(tmp_path, signum)
+    assert "after meta-iteration 3;" in err
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
     # the interrupted validation logged nothing (finishing it would log val/ at 3, then train a 4th time)
     assert "val/" not in (tmp_path / "run" / "metrics.csv").read_text()
+
+
+def test_sigterm_to_every_ddp_rank_during_a_validation_stops_before_the_next_meta_iteration(tmp_path):
+    """Under DDP the ranks score different numbers of validation chunks (301 tasks: 151 and 150), so
+    they finish the validation and decide together at its end; none trains a 4th meta-iteration."""
+    err = _signal_during_the_first_validation(tmp_path, signal.SIGTERM, "trainer=ddp_cpu", "sampler.meta_batch_size=4",
+                                              every_rank=True, val_tasks=301)
+    assert err.count("Resume with: ") == 1 and "after meta-iteration 3;" in err
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
 
 
 @pytest.mark.parametrize("signum, every_rank", [(signal.SIGINT, False), (signal.SIGTERM, True)],
