@@ -117,6 +117,7 @@ def evaluate(cfg: DictConfig) -> dict:
     run_cfg = merge_eval_overrides(saved, cfg, list(HydraConfig.get().overrides.task), choices)
     from metalearn_cli.build import build_experiment, build_tasks, build_trainer
     from metalearn_cli.console import quiet_third_party
+    from metalearn_cli.interrupts import scoring_ends_on_sigterm
     from metalearn_cli.stats import format_table
     from metalearn_cli.summary import describe_result, run_summary
 
@@ -132,7 +133,8 @@ def evaluate(cfg: DictConfig) -> dict:
             f"({detail}). Evaluate with the training run's sampler.ways and model settings."
         ) from None
     trainer = build_trainer(run_cfg, None, experiment, training=False)
-    trainer.test(experiment.module, datamodule=experiment.datamodule, verbose=False)
+    with scoring_ends_on_sigterm(f"Run it again to score {cfg.ckpt}.", speak=trainer.is_global_zero):
+        trainer.test(experiment.module, datamodule=experiment.datamodule, verbose=False)
     summary = run_summary(experiment, run_cfg, choices, ckpt=cfg.ckpt, split="test")
     if trainer.is_global_zero:
         run_dir = run_dir_of_checkpoint(cfg.ckpt)

@@ -11,6 +11,9 @@ both signals then go through the one decision that every rank takes together (ch
 from __future__ import annotations
 
 import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
@@ -60,3 +63,18 @@ class StopRequest:
 class StoppedDuringValidation(Exception):
     """Raised on a single device when a stop is requested in the middle of a validation: the weights
     are those of the last finished meta-iteration, saved on the way out (RunCheckpoints.on_exception)."""
+
+
+@contextmanager
+def scoring_ends_on_sigterm(saved: str, speak: bool = True) -> Iterator[None]:
+    """Scoring the test tasks (after training, or `metalearn eval`) under Lightning's SIGTERM handler,
+    which stops it at the next batch: exit 143 with a message saying what is kept, not a traceback.
+    Nothing is lost here; the scoring just has to be run again. (Ctrl-C is Lightning's too: exit 1.)"""
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    try:
+        yield
+    except SIGTERMException:
+        if speak:
+            print(f"Stopped by SIGTERM while scoring the test tasks; nothing was written. {saved}", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)

@@ -48,7 +48,7 @@ def train(cfg: DictConfig) -> float | None:
     from metalearn_cli.build import build_experiment, build_trainer
     from metalearn_cli.checkpointing import RunCheckpoints
     from metalearn_cli.console import quiet_third_party
-    from metalearn_cli.interrupts import StoppedDuringValidation, StopRequest
+    from metalearn_cli.interrupts import StoppedDuringValidation, StopRequest, scoring_ends_on_sigterm
     from metalearn_cli.run_folder import write_json_atomic
     from metalearn_cli.stats import format_table
     from metalearn_cli.summary import describe_result, run_summary
@@ -79,7 +79,9 @@ def train(cfg: DictConfig) -> float | None:
             print(message, file=sys.stderr)
         sys.exit(128 + (stop.signal or signal.SIGTERM))
     best = checkpoints.best_path if checkpoints.best_path.exists() else checkpoints.last_path
-    trainer.test(experiment.module, datamodule=experiment.datamodule, ckpt_path=str(best), verbose=False, weights_only=True)
+    with scoring_ends_on_sigterm(f"Training finished and {best} is saved; score it with: metalearn eval ckpt={best}",
+                                 speak=trainer.is_global_zero):
+        trainer.test(experiment.module, datamodule=experiment.datamodule, ckpt_path=str(best), verbose=False, weights_only=True)
     if not trainer.is_global_zero:
         return checkpoints.best_score
     summary = run_summary(experiment, cfg, choices, ckpt=best, split="test")

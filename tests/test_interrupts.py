@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,23 +72,27 @@ def test_a_signal_saves_last_ckpt_and_the_run_resumes(tmp_path, run_cli, signum)
     assert torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=True)["global_step"] == stopped_at + 3
 
 
-def _signal_during_the_first_validation(tmp_path, signum, *args, every_rank=False, val_tasks=300) -> str:
+def _signal_during_the_first_validation(tmp_path, signum, *args, every_rank=False, val_tasks=300,
+                                       phase="Validation") -> str:
     """Start a run that validates after meta-iteration 3 for seconds (tasks one at a time, 50 steps
-    each), send `signum` once that validation has started, and return the run's stderr."""
+    each; `args` override these settings), send `signum` once that validation (or the `phase`
+    Lightning's progress bar names) has started, and return the run's stderr."""
     common = [c for c in COMMON if not c.startswith(("trainer.val_check_interval", "trainer.enable_progress_bar",
                                                          "eval.val_tasks"))]
     stdout_path, stderr_path = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with stdout_path.open("w") as stdout, stderr_path.open("w") as stderr:
-        proc = _start(tmp_path, "trainer.val_check_interval=3", "trainer.enable_progress_bar=true",
-                      f"eval.val_tasks={val_tasks}", "eval.batch_tasks=1", "algo.eval_inner_steps=50",
-                      "trainer.max_steps=1000000", "trainer.log_every_n_steps=1", "hydra.run.dir=run", *args,
+        defaults = ["trainer.val_check_interval=3", "trainer.enable_progress_bar=true", f"eval.val_tasks={val_tasks}",
+                    "eval.batch_tasks=1", "algo.eval_inner_steps=50", "trainer.max_steps=1000000",
+                    "trainer.log_every_n_steps=1", "hydra.run.dir=run"]
+        named = {a.partition("=")[0] for a in args}
+        proc = _start(tmp_path, *[d for d in defaults if d.partition("=")[0] not in named], *args,
                       common=common, stdout=stdout, stderr=stderr)
         deadline = time.time() + 300
-        while "Validation" not in stdout_path.read_text() and proc.poll() is None and time.time() < deadline:
+        while phase not in stdout_path.read_text() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.1)  # Lightning's progress bar (on stdout) says when the first validation starts
-        if proc.poll() is not None or "Validation" not in stdout_path.read_text():
+        if proc.poll() is not None or phase not in stdout_path.read_text():
             _finish(proc, timeout=1)
-            raise AssertionError(f"no validation started: {stderr_path.read_text()[-2000:]}")
+            raise AssertionError(f"no {phase} started: {stderr_path.read_text()[-2000:]}")
         if every_rank:
             os.killpg(proc.pid, signum)
         else:
@@ -109,6 +114,17 @@ def test_a_signal_during_a_validation_stops_there_without_another_meta_iteration
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
     # the interrupted validation logged nothing (finishing it would log val/ at 3, then train a 4th time)
     assert "val/" not in (tmp_path / "run" / "metrics.csv").read_text()
+
+
+def test_sigterm_while_scoring_the_test_tasks_after_training_says_what_is_kept(tmp_path):
+    """The time limit can fall while `metalearn train` scores its test tasks: the training is finished
+    and saved, the message says so and how to score it, and the exit status says SIGTERM."""
+    err = _signal_during_the_first_validation(tmp_path, signal.SIGTERM, "trainer.max_steps=2", "eval.num_tasks=300",
+                                              phase="Testing")
+    best = tmp_path / "run" / "checkpoints" / "last.ckpt"  # no validation ran: the best is the last
+    assert f"score it with: metalearn eval ckpt={best}" in err
+    assert torch.load(best, weights_only=True)["global_step"] == 2
+    assert not (tmp_path / "run" / "test.json").exists()
 
 
 def test_sigterm_to_every_ddp_rank_during_a_validation_stops_before_the_next_meta_iteration(tmp_path):
@@ -141,3 +157,34 @@ def test_a_signal_under_ddp_stops_every_rank_after_the_same_meta_iteration(tmp_p
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] >= 1
     assert f"after meta-iteration {checkpoint['global_step']};" in err
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process `pid` has a handler installed for `signum` (Linux's /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's /proc to see when scoring starts")
+def test_sigterm_during_metalearn_eval_exits_143_and_writes_nothing(tmp_path, run_cli):
+    """Lightning's SIGTERM exception is a SystemExit without a code: uncaught, `metalearn eval` stopped by
+    a time limit exited 0, wrote nothing and said nothing, so a job script took it for a success."""
+    run_cli("train", *COMMON, "trainer.max_steps=1", "hydra.run.dir=run", check=True)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    before = (tmp_path / "run" / "evals.jsonl").exists()
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen([metalearn_executable(), "eval", f"ckpt={ckpt}", "eval.num_tasks=3000", "eval.batch_tasks=1",
+                             "algo.eval_inner_steps=50"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline and not _catches(proc.pid, signal.SIGTERM):
+        time.sleep(0.05)  # nothing in metalearn eval handles SIGTERM before Lightning's scoring loop does
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGTERM)
+    out, err = _finish(proc, timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "Traceback" not in err and "Stopped by SIGTERM while scoring" in err and f"score {ckpt}" in err
+    assert not (tmp_path / "run" / "eval.json").exists()
+    assert (tmp_path / "run" / "evals.jsonl").exists() == before
