@@ -1,4 +1,5 @@
-"""Real signals sent to a real training process: the run stops cleanly and resumes exactly."""
+"""Real signals sent to real training and scoring processes: a run stops cleanly and resumes exactly,
+and a stopped scoring says so instead of exiting 0."""
 
 import os
 import signal
