@@ -71,6 +71,11 @@ def check_config(cfg: DictConfig) -> None:
     positive_number(cfg, "algo.inner_lr", "the inner-loop learning rate")
     positive_number(cfg, "algo.eval_inner_lr", "the learning rate of adaptation at validation and test", optional=True)
     positive_number(cfg, "algo.outer_lr", "the meta-optimizer's learning rate")
+    if _value(cfg, "algo.outer_lr_schedule") is not None:
+        one_of(cfg, "algo.outer_lr_schedule", ("constant", "cosine"))
+    final = _value(cfg, "algo.outer_lr_final")
+    if final is not None and (not _is_number(final) or not 0 <= final < float("inf")):
+        _fail("algo.outer_lr_final", final, "a finite number >= 0 (the meta learning rate at the end of the schedule)")
     positive_int(cfg, "algo.inner_steps", "inner-loop steps per task in meta-training")
     positive_int(cfg, "algo.eval_inner_steps", "adaptation steps at validation and test")
     one_of(cfg, "algo.vectorize", VECTORIZE_CHOICES)

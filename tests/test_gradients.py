@@ -1,5 +1,7 @@
 """Meta-gradients against independent computations (float64, tiny models)."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -233,6 +235,29 @@ def test_reptile_meta_step_size_is_annealed_linearly(setup):
         optimizer.step()
         scheduler.step()
     torch.testing.assert_close(torch.tensor(rates, dtype=torch.float64), torch.linspace(1.0, 0.2, 11, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("final", [0.0, 1e-4])
+def test_maml_cosine_schedule_anneals_the_meta_learning_rate(setup, final):
+    """outer_lr_schedule=cosine: lr_t = final + (lr - final) (1 + cos(pi t / T)) / 2, held at final after T;
+    the default keeps Adam's rate constant, as in the paper."""
+    model, *_ = setup
+    algo = MAML(inner_lr=0.1, inner_steps=1, eval_inner_steps=1, outer_lr=1e-3, outer_lr_schedule="cosine", outer_lr_final=final)
+    config = algo.configure_optimizers(model.parameters(), max_steps=8)
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert isinstance(optimizer, torch.optim.Adam)
+    rates = []
+    for _ in range(11):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    expected = [final + (1e-3 - final) * (1 + math.cos(math.pi * min(t, 8) / 8)) / 2 for t in range(11)]
+    torch.testing.assert_close(torch.tensor(rates, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64))
+    assert rates[4] == pytest.approx((1e-3 + final) / 2) and rates[8] == rates[10] == pytest.approx(final)
+    constant = MAML(inner_lr=0.1, inner_steps=1, eval_inner_steps=1, outer_lr=1e-3).configure_optimizers(model.parameters(), 8)
+    assert "lr_scheduler" not in constant and constant["optimizer"].param_groups[0]["lr"] == 1e-3
+    with pytest.raises(ValueError, match="outer_lr_schedule 'linear'"):
+        MAML(inner_lr=0.1, inner_steps=1, eval_inner_steps=1, outer_lr=1e-3, outer_lr_schedule="linear")
 
 
 def test_reptile_minibatches_cover_the_support_set_each_epoch(setup):

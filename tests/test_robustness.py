@@ -45,6 +45,23 @@ def test_reptile_resume_is_bit_identical(run_cli, tmp_path, inner):
     assert json.loads((tmp_path / "full/test.json").read_text())["per_step"] == json.loads((tmp_path / "resumed/test.json").read_text())["per_step"]
 
 
+def test_maml_cosine_schedule_resumes_where_it_was(run_cli, tmp_path):
+    """MAML with algo.outer_lr_schedule=cosine logs a falling train/lr and, resumed from its step-4
+    checkpoint, continues the schedule: the same weights and schedule state as the uninterrupted run."""
+    args = ["algo.outer_lr_schedule=cosine", "trainer.max_steps=8", "trainer.log_every_n_steps=2", "checkpoint.every_n_steps=4", *COMMON]
+    run_cli("train", *args, "checkpoint.keep_all=true", "hydra.run.dir=full", check=True)
+    run_cli("train", *args, "hydra.run.dir=resumed", f"ckpt_path={tmp_path}/full/checkpoints/step-0000004.ckpt", check=True)
+    full = torch.load(tmp_path / "full/checkpoints/last.ckpt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=True)
+    for key, value in full["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), key
+    assert resumed["lr_schedulers"][0]["last_epoch"] == full["lr_schedulers"][0]["last_epoch"] == 8
+    rows = (tmp_path / "full/metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    lrs = [float(r.split(",")[header.index("train/lr")]) for r in rows[1:] if r.split(",")[header.index("train/lr")]]
+    assert len(lrs) == 4 and all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[0] < 1e-3, lrs
+
+
 def test_meta_iterations_per_lightning_step_change_nothing_but_speed(run_cli, tmp_path):
     """MAML with 4 meta-iterations per Lightning step trains, validates, logs and checkpoints at the
     same meta-iterations, to bit-identical weights, as one per step; and a run resumed from its

@@ -9,12 +9,20 @@ and the meta-objective is the mean query loss of the adapted parameters,
 J(theta) = mean_i L_query_i(theta_i^K). Its gradient is exact (second order: it flows back
 through every inner gradient) unless `first_order` is set, in which case the inner gradients
 are treated as constants and dJ/dtheta = mean_i grad L_query_i(theta_i^K) (FO-MAML).
+
+The meta-optimizer is Adam with learning rate `outer_lr`, constant as in the paper, or, with
+`outer_lr_schedule="cosine"`, annealed along a half cosine from `outer_lr` to `outer_lr_final` over
+the run's `trainer.max_steps` meta-iterations (as MAML++, Antoniou et al. 2019, does): a run with a
+budget far below the paper's 60,000 iterations still ends at a small step size.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Iterable
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import grad
 
 from metalearn_cli.algorithms.base import Algorithm, FunctionalModel, MetaStep, Params, over_task_slices, over_tasks
@@ -22,12 +30,39 @@ from metalearn_cli.batched import batched_forward, expand, supports
 from metalearn_cli.tasks import TaskBatch
 
 
+OUTER_LR_SCHEDULES = ("constant", "cosine")
+
+
 class MAML(Algorithm):
     name = "maml"
 
-    def __init__(self, *args, first_order: bool = False, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        first_order: bool = False,
+        outer_lr_schedule: str = "constant",
+        outer_lr_final: float = 0.0,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
+        if outer_lr_schedule not in OUTER_LR_SCHEDULES:
+            raise ValueError(f"unknown outer_lr_schedule {outer_lr_schedule!r}; allowed: {', '.join(OUTER_LR_SCHEDULES)}")
         self.first_order = bool(first_order)
+        self.outer_lr_schedule = outer_lr_schedule
+        self.outer_lr_final = float(outer_lr_final)
+
+    def configure_optimizers(self, parameters: Iterable[nn.Parameter], max_steps: int) -> dict:
+        optimizer = torch.optim.Adam(parameters, lr=self.outer_lr)
+        if self.outer_lr_schedule == "constant":
+            return {"optimizer": optimizer}
+        final = self.outer_lr_final / self.outer_lr
+        total = max(int(max_steps), 1)
+
+        def cosine(step: int) -> float:  # multiplier of outer_lr after `step` meta-updates
+            return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def adapt(self, fmodel: FunctionalModel, params: Params, x: Tensor, y: Tensor, steps: int) -> Params:
         """The inner loop: `steps` SGD steps on (x, y), differentiable w.r.t. `params`."""
