@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 
 #: algo.vectorize: how the tasks of a meta-batch run (see Algorithm.execution)
 VECTORIZE_CHOICES = ("auto", "batched", "vmap", "loop")
+#: algo.outer_lr_schedule: MAML's meta learning rate over the run (see algorithms.maml)
+OUTER_LR_SCHEDULES = ("constant", "cosine")
 #: model.bn: which statistics batch norm uses at test (see models.MetaBatchNorm2d)
 BN_MODES = ("transductive", "frozen", "per_step")
 
@@ -72,7 +74,7 @@ def check_config(cfg: DictConfig) -> None:
     positive_number(cfg, "algo.eval_inner_lr", "the learning rate of adaptation at validation and test", optional=True)
     positive_number(cfg, "algo.outer_lr", "the meta-optimizer's learning rate")
     if _value(cfg, "algo.outer_lr_schedule") is not None:
-        one_of(cfg, "algo.outer_lr_schedule", ("constant", "cosine"))
+        one_of(cfg, "algo.outer_lr_schedule", OUTER_LR_SCHEDULES)
     final = _value(cfg, "algo.outer_lr_final")
     if final is not None and (not _is_number(final) or not 0 <= final < float("inf")):
         _fail("algo.outer_lr_final", final, "a finite number >= 0 (the meta learning rate at the end of the schedule)")

@@ -3,6 +3,7 @@ evaluation by adaptation (score the query set after each inner step on the suppo
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -143,6 +144,21 @@ def over_task_slices(fn: Callable[..., Any], tasks: TaskBatch, chunk: int, *per_
         {k: torch.cat([p[i][k] for p in parts]) for k in first[i]} if isinstance(first[i], dict) else torch.cat([p[i] for p in parts])
         for i in range(len(first))
     )
+
+
+def annealed(optimizer: torch.optim.Optimizer, final: float, max_steps: int, shape: str) -> dict:
+    """`optimizer` with its learning rate annealed from the initial one to `final` times it over
+    `max_steps` meta-iterations, linearly or along a half cosine, then held there (Lightning's
+    `configure_optimizers` format; the scheduler steps once per meta-iteration)."""
+    total = max(int(max_steps), 1)
+
+    def multiplier(step: int) -> float:  # of the initial rate after `step` meta-updates
+        progress = min(step, total) / total
+        fall = progress if shape == "linear" else 0.5 * (1.0 - math.cos(math.pi * progress))
+        return 1.0 - (1.0 - final) * fall
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 class Algorithm(ABC):

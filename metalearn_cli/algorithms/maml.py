@@ -18,19 +18,16 @@ budget far below the paper's 60,000 iterations still ends at a small step size.
 
 from __future__ import annotations
 
-import math
 from typing import Iterable
 
 import torch
 from torch import Tensor, nn
 from torch.func import grad
 
-from metalearn_cli.algorithms.base import Algorithm, FunctionalModel, MetaStep, Params, over_task_slices, over_tasks
+from metalearn_cli.algorithms.base import Algorithm, FunctionalModel, MetaStep, Params, annealed, over_task_slices, over_tasks
 from metalearn_cli.batched import batched_forward, expand, supports
+from metalearn_cli.config_checks import OUTER_LR_SCHEDULES
 from metalearn_cli.tasks import TaskBatch
-
-
-OUTER_LR_SCHEDULES = ("constant", "cosine")
 
 
 class MAML(Algorithm):
@@ -55,14 +52,7 @@ class MAML(Algorithm):
         optimizer = torch.optim.Adam(parameters, lr=self.outer_lr)
         if self.outer_lr_schedule == "constant":
             return {"optimizer": optimizer}
-        final = self.outer_lr_final / self.outer_lr
-        total = max(int(max_steps), 1)
-
-        def cosine(step: int) -> float:  # multiplier of outer_lr after `step` meta-updates
-            return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return annealed(optimizer, self.outer_lr_final / self.outer_lr, max_steps, "cosine")
 
     def adapt(self, fmodel: FunctionalModel, params: Params, x: Tensor, y: Tensor, steps: int) -> Params:
         """The inner loop: `steps` SGD steps on (x, y), differentiable w.r.t. `params`."""

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad
 
-from metalearn_cli.algorithms.base import Algorithm, FunctionalModel, MetaStep, adapt_detached, over_task_slices, over_tasks
+from metalearn_cli.algorithms.base import Algorithm, FunctionalModel, MetaStep, adapt_detached, annealed, over_task_slices, over_tasks
 from metalearn_cli.algorithms.inner_optim import make_inner_optimizer
 from metalearn_cli.batched import batched_forward, supports
 from metalearn_cli.tasks import TaskBatch
@@ -117,15 +117,8 @@ class Reptile(Algorithm):
         return self.carried.state()
 
     def configure_optimizers(self, parameters: Iterable[nn.Parameter], max_steps: int) -> dict:
-        optimizer = torch.optim.SGD(parameters, lr=self.outer_lr)
-        final = self.outer_lr_final / self.outer_lr
-        total = max(int(max_steps), 1)
-
-        def epsilon(step: int) -> float:  # multiplier of outer_lr after `step` meta-updates
-            return 1.0 - (1.0 - final) * min(step, total) / total
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, epsilon)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        optimizer = torch.optim.SGD(parameters, lr=self.outer_lr)  # epsilon, annealed linearly
+        return annealed(optimizer, self.outer_lr_final / self.outer_lr, max_steps, "linear")
 
     def eval_optimizer(self):
         start = self.carried.state() if self.carried is not None else None
