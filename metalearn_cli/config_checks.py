@@ -78,6 +78,7 @@ def check_config(cfg: DictConfig) -> None:
     final = _value(cfg, "algo.outer_lr_final")
     if final is not None and (not _is_number(final) or not 0 <= final < float("inf")):
         _fail("algo.outer_lr_final", final, "a finite number >= 0 (the meta learning rate at the end of the schedule)")
+    positive_int(cfg, "algo.first_order_steps", "first-order meta-iterations at the start of the run", optional=True, minimum=0)
     positive_int(cfg, "algo.inner_steps", "inner-loop steps per task in meta-training")
     positive_int(cfg, "algo.eval_inner_steps", "adaptation steps at validation and test")
     one_of(cfg, "algo.vectorize", VECTORIZE_CHOICES)

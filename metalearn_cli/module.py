@@ -69,7 +69,7 @@ class MetaLearner(pl.LightningModule):
 
     def _meta_iteration(self, batch: TaskBatch) -> None:
         optimizer = self.optimizers()
-        step = self.algorithm.meta_step(self.fmodel, batch)
+        step = self.algorithm.meta_step(self.fmodel, batch, iteration=self.global_step)
         optimizer.zero_grad(set_to_none=True)
         if step.loss is not None:
             self._check_finite(step.loss)

@@ -36,6 +36,7 @@ def assert_clean_error(proc, *needles: str) -> str:
         ("algo.outer_lr=-1", ["algo.outer_lr", "-1"]),
         ("algo.outer_lr_schedule=step", ["algo.outer_lr_schedule", "'step'", "constant, cosine"]),
         ("algo.outer_lr_final=-0.001", ["algo.outer_lr_final", "-0.001", ">= 0"]),
+        ("algo.first_order_steps=-1", ["algo.first_order_steps", "-1", "integer >= 0"]),
         ("algo.vectorize=gpu", ["algo.vectorize", "vmap", "loop"]),
         ("algo.task_chunk=0", ["algo.task_chunk", "0", "auto"]),
         ("sampler.queries=null", ["sampler.queries", "missing"]),

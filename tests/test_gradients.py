@@ -260,6 +260,28 @@ def test_maml_cosine_schedule_anneals_the_meta_learning_rate(setup, final):
         MAML(inner_lr=0.1, inner_steps=1, eval_inner_steps=1, outer_lr=1e-3, outer_lr_schedule="linear")
 
 
+@pytest.mark.parametrize("vectorize", ["batched", "vmap"])
+def test_maml_first_order_steps_then_the_exact_gradient(setup, vectorize):
+    """first_order_steps=2: meta-iterations 0 and 1 follow FO-MAML's gradient, 2 and later the exact
+    second-order one (each checked against the algorithm run with first_order fixed)."""
+    model, tasks, *_ = setup
+
+    def gradient(algo, iteration):
+        model.zero_grad()
+        algo.meta_step(FunctionalModel(model, REGRESSION), tasks, iteration=iteration).loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    kwargs = dict(inner_lr=INNER_LR, inner_steps=2, eval_inner_steps=1, outer_lr=1e-3, vectorize=vectorize)
+    first = gradient(MAML(first_order=True, **kwargs), 0)
+    exact = gradient(MAML(**kwargs), 0)
+    assert (first - exact).abs().max() > 1e-4  # the two differ, so the comparisons below can fail
+    annealed = MAML(first_order_steps=2, **kwargs)
+    for iteration, expected in [(0, first), (1, first), (2, exact), (7, exact)]:
+        torch.testing.assert_close(gradient(annealed, iteration), expected, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="first_order_steps"):
+        MAML(first_order_steps=-1, **kwargs)
+
+
 def test_reptile_minibatches_cover_the_support_set_each_epoch(setup):
     _, tasks, *_ = setup
     algo = Reptile(inner_lr=0.1, inner_steps=5, eval_inner_steps=1, outer_lr=1.0, inner_batch_size=2)

@@ -62,6 +62,27 @@ def test_maml_cosine_schedule_resumes_where_it_was(run_cli, tmp_path):
     assert len(lrs) == 4 and all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[0] < 1e-3, lrs
 
 
+def test_maml_first_order_steps_switch_at_the_step_and_resume(run_cli, tmp_path):
+    """algo.first_order_steps=4 trains its first 4 meta-iterations exactly as FO-MAML (bit-identical
+    step-4 checkpoint), then second order (different from FO-MAML by step 8); a run resumed from its
+    step-2 checkpoint, before the switch, ends bit-identical to the uninterrupted one."""
+    args = ["trainer.max_steps=8", "checkpoint.every_n_steps=2", "checkpoint.keep_all=true", *COMMON]
+    run_cli("train", *args, "algo.first_order_steps=4", "hydra.run.dir=annealed", check=True)
+    run_cli("train", *args, "algo=fomaml", "hydra.run.dir=fomaml", check=True)
+    run_cli("train", *args, "algo.first_order_steps=4", "hydra.run.dir=resumed",
+            f"ckpt_path={tmp_path}/annealed/checkpoints/step-0000002.ckpt", check=True)
+
+    def weights(run, name):
+        return torch.load(tmp_path / f"{run}/checkpoints/{name}", weights_only=True)["state_dict"]
+
+    at_switch, fo_at_switch = weights("annealed", "step-0000004.ckpt"), weights("fomaml", "step-0000004.ckpt")
+    assert all(torch.equal(at_switch[k], v) for k, v in fo_at_switch.items())
+    end, fo_end, resumed = weights("annealed", "last.ckpt"), weights("fomaml", "last.ckpt"), weights("resumed", "last.ckpt")
+    assert any(not torch.equal(end[k], v) for k, v in fo_end.items() if v.is_floating_point())
+    for key, value in end.items():
+        assert torch.equal(resumed[key], value), key
+
+
 def test_meta_iterations_per_lightning_step_change_nothing_but_speed(run_cli, tmp_path):
     """MAML with 4 meta-iterations per Lightning step trains, validates, logs and checkpoints at the
     same meta-iterations, to bit-identical weights, as one per step; and a run resumed from its

@@ -237,8 +237,9 @@ class Algorithm(ABC):
         return {"optimizer": torch.optim.Adam(parameters, lr=self.outer_lr)}
 
     @abstractmethod
-    def meta_step(self, fmodel: FunctionalModel, tasks: TaskBatch) -> MetaStep:
-        """Compute one meta-iteration over `tasks` (does not touch the model's parameters)."""
+    def meta_step(self, fmodel: FunctionalModel, tasks: TaskBatch, iteration: int = 0) -> MetaStep:
+        """Compute one meta-iteration over `tasks` (does not touch the model's parameters);
+        `iteration` is its 0-based index in the run, for algorithms that change with it."""
 
     # -- evaluation -------------------------------------------------------------------------
     def eval_optimizer(self):

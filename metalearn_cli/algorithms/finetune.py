@@ -72,7 +72,7 @@ class Finetune(Algorithm):
         return {"optimizer": torch.optim.Adam(parameters, lr=self.outer_lr)}
 
     # -- pre-training ----------------------------------------------------------------------
-    def meta_step(self, fmodel: FunctionalModel, tasks: TaskBatch) -> MetaStep:
+    def meta_step(self, fmodel: FunctionalModel, tasks: TaskBatch, iteration: int = 0) -> MetaStep:
         objective = fmodel.objective
         inputs = torch.cat([tasks.support_x.flatten(0, 1), tasks.query_x.flatten(0, 1)])
         if self.classifier is None:  # regression: the model itself on pooled points

@@ -155,7 +155,7 @@ class Reptile(Algorithm):
             return mini_batches(tasks.num_tasks, support, steps, b, torch.Generator().manual_seed(tasks.seed))
         return torch.cat([mini_batches(1, support, steps, b, torch.Generator().manual_seed(int(seed))) for seed in tasks.task_seeds])
 
-    def meta_step(self, fmodel: FunctionalModel, tasks: TaskBatch) -> MetaStep:
+    def meta_step(self, fmodel: FunctionalModel, tasks: TaskBatch, iteration: int = 0) -> MetaStep:
         """The update direction theta - mean_i theta~_i (does not touch the model's parameters; with
         `inner_state=carry` it advances the carried Adam state, as the reference's inner steps do)."""
         theta = {k: p.detach() for k, p in fmodel.params().items()}
