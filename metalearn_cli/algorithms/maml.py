@@ -10,8 +10,9 @@ J(theta) = mean_i L_query_i(theta_i^K). Its gradient is exact (second order: it 
 through every inner gradient) unless `first_order` is set, in which case the inner gradients
 are treated as constants and dJ/dtheta = mean_i grad L_query_i(theta_i^K) (FO-MAML).
 With `first_order_steps=N`, the first N meta-iterations of a run are first order and every later
-one exact (MAML++'s derivative-order annealing, Antoniou et al. 2019): the early, cheap phase costs
-about a third of a second-order iteration on a CPU, and the end of training is exact MAML.
+one exact (MAML++'s derivative-order annealing, Antoniou et al. 2019): a first-order iteration
+costs less than half a second-order one on a CPU, and the end of training is exact MAML. On
+Omniglot 5-shot the warm-up lost more accuracy than its time saving bought (BENCHMARKS.md, note 5).
 
 The meta-optimizer is Adam with learning rate `outer_lr`, constant as in the paper, or, with
 `outer_lr_schedule="cosine"`, annealed along a half cosine from `outer_lr` to `outer_lr_final` over
