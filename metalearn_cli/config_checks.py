@@ -22,6 +22,8 @@ VECTORIZE_CHOICES = ("auto", "batched", "vmap", "loop")
 OUTER_LR_SCHEDULES = ("constant", "cosine")
 #: model.bn: which statistics batch norm uses at test (see models.MetaBatchNorm2d)
 BN_MODES = ("transductive", "frozen", "per_step")
+#: algo.inner_params: which parameters MAML's inner loop adapts (see FunctionalModel.inner_keys)
+INNER_PARAMS = ("all", "no_bn", "head")
 
 
 def _value(cfg: DictConfig, key: str) -> Any:
@@ -82,6 +84,8 @@ def check_config(cfg: DictConfig) -> None:
     positive_int(cfg, "algo.inner_steps", "inner-loop steps per task in meta-training")
     positive_int(cfg, "algo.eval_inner_steps", "adaptation steps at validation and test")
     one_of(cfg, "algo.vectorize", VECTORIZE_CHOICES)
+    if _value(cfg, "algo.inner_params") is not None:
+        one_of(cfg, "algo.inner_params", INNER_PARAMS)
     chunk = _value(cfg, "algo.task_chunk")
     if chunk is not None and chunk != "auto" and not (_is_int(chunk) and chunk >= 1):
         _fail("algo.task_chunk", chunk, "auto, or an integer >= 1 (tasks per pass with batched execution)")

@@ -32,6 +32,7 @@ EVAL_KEYS = (
     "algo.eval_inner_lr",
     "algo.eval_inner_optimizer",
     "algo.eval_inner_batch_size",
+    "algo.inner_params",
     "algo.vectorize",
     "algo.task_chunk",
     "trainer.accelerator",

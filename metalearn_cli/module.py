@@ -83,7 +83,7 @@ class MetaLearner(pl.LightningModule):
             self._check_finite(step.metrics["loss"])
         all_reduce_mean_(p.grad for p in self.parameters())  # ranks hold equal shares of the meta-batch
         optimizer.step()  # Lightning counts this call as one global step
-        self.fmodel.record_statistics(batch, self.algorithm.inner_steps, self.algorithm.inner_lr)
+        self.fmodel.record_statistics(batch, self.algorithm.inner_steps, self.algorithm.inner_lr, self.algorithm.inner_keys(self.fmodel))
         all_reduce_mean_(self.model.buffers())
         all_reduce_mean_(b for b in self.extras.buffers() if b.is_floating_point())  # Reptile's carried Adam moments
         scheduler = self.lr_schedulers()

@@ -38,6 +38,7 @@ def assert_clean_error(proc, *needles: str) -> str:
         ("algo.outer_lr_final=-0.001", ["algo.outer_lr_final", "-0.001", ">= 0"]),
         ("algo.first_order_steps=-1", ["algo.first_order_steps", "-1", "integer >= 0"]),
         ("algo.vectorize=gpu", ["algo.vectorize", "vmap", "loop"]),
+        ("algo.inner_params=bn", ["algo.inner_params", "'bn'", "all, no_bn, head"]),
         ("algo.task_chunk=0", ["algo.task_chunk", "0", "auto"]),
         ("sampler.queries=null", ["sampler.queries", "missing"]),
         ("algo.no_such_key=1", ["algo.no_such_key"]),

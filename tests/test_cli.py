@@ -129,9 +129,12 @@ def test_omniglot_train_and_eval(run_cli, tmp_path, algo, omniglot_cache):
     assert "test acc after 2 steps" in proc.stdout.strip().splitlines()[-1]
     test = json.loads((tmp_path / "run" / "test.json").read_text())
     assert test["metric"] == "acc" and test["ways"] == 5 and test["shots"] == 1 and 0 <= test["mean"] <= 1
+    # MAML's evaluation may adapt other parameters than its training did (ANIL-style scoring), on record
+    extra = ["algo.inner_params=head"] if algo == "maml" else []
     run_cli("eval", f"ckpt={tmp_path}/run/checkpoints/last.ckpt", "sampler.shots=5", "eval.num_tasks=4",
-            "algo.eval_inner_steps=1", check=True)
+            "algo.eval_inner_steps=1", *extra, check=True)
     report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert report.get("inner_params") == ("head" if algo == "maml" else None)
     assert report["data"] == "omniglot" and report["shots"] == 5 and report["num_tasks"] == 4
     assert len(report["per_step"]) == 2
     # how the tasks were adapted is on record (tuning/reptile_omniglot adapts with Adam, as the Reptile paper)

@@ -1,5 +1,7 @@
 """Conv4, batch-norm modes, and the algorithms on convolutional models (small, float64)."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +10,7 @@ from metalearn_cli.algorithms import MAML, Finetune, FunctionalModel, Reptile, b
 from metalearn_cli.data.images import ImageClasses, ImageTasks
 from metalearn_cli.models import Conv4, MetaBatchNorm2d
 from metalearn_cli.samplers import EpisodicSampler
-from metalearn_cli.tasks import CLASSIFICATION, TaskBatch
+from metalearn_cli.tasks import CLASSIFICATION, TaskBatch, _task_cross_entropy
 
 
 def test_conv4_shapes_match_the_papers():
@@ -27,8 +29,9 @@ def _tiny_tasks(num_tasks=3, ways=3, shots=2, queries=2, seed=0):
     return source, TaskBatch(*(t.double() if t.is_floating_point() else t for t in batch.tensors()), seed=1, classes=batch.classes)
 
 
-def _reference_maml_gradient(model, tasks, inner_lr, steps, first_order):
-    """The textbook per-task loop: functional_call + torch.autograd.grad(create_graph=True)."""
+def _reference_maml_gradient(model, tasks, inner_lr, steps, first_order, adapted=None):
+    """The textbook per-task loop: functional_call + torch.autograd.grad(create_graph=True); only the
+    parameters named in `adapted` (default all) take the inner step."""
     params = dict(model.named_parameters())
     total = 0.0
     for i in range(tasks.num_tasks):
@@ -36,7 +39,7 @@ def _reference_maml_gradient(model, tasks, inner_lr, steps, first_order):
         for _ in range(steps):
             loss = F.cross_entropy(torch.func.functional_call(model, fast, (tasks.support_x[i],)), tasks.support_y[i])
             grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
-            fast = {k: v - inner_lr * g for (k, v), g in zip(fast.items(), grads)}
+            fast = {k: v - inner_lr * g if adapted is None or k in adapted else v for (k, v), g in zip(fast.items(), grads)}
         total = total + F.cross_entropy(torch.func.functional_call(model, fast, (tasks.query_x[i],)), tasks.query_y[i])
     return torch.autograd.grad(total / tasks.num_tasks, list(params.values()))
 
@@ -53,6 +56,75 @@ def test_maml_on_conv4_matches_the_textbook_loop(vectorize, task_chunk, first_or
     algo.meta_step(FunctionalModel(model, CLASSIFICATION), tasks).loss.backward()
     for p, r in zip(model.parameters(), reference):
         torch.testing.assert_close(p.grad, r)
+
+
+def _norm_and_head_names(model):
+    """Conv4's parameter names, written out from its layout: block b is features.(3b) conv,
+    features.(3b+1) batch norm, features.(3b+2) ReLU."""
+    norms = {f"features.{3 * b + 1}.{w}" for b in range(4) for w in ("weight", "bias")}
+    assert norms <= set(dict(model.named_parameters()))
+    return norms, {"head.weight", "head.bias"}
+
+
+@pytest.mark.parametrize("inner_params", ["no_bn", "head"])
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("vectorize, task_chunk", [("batched", "auto"), ("batched", 2), ("vmap", "auto"), ("loop", "auto")])
+def test_maml_adapting_part_of_the_network_matches_the_textbook_loop(vectorize, task_chunk, first_order, inner_params):
+    """algo.inner_params: the inner loop moves only the chosen parameters; every parameter still gets
+    the exact meta-gradient (batch norm's scale and shift, left out by no_bn, are meta-learned)."""
+    _, tasks = _tiny_tasks()
+    model = Conv4((1, 8, 8), 3, channels=4).double()
+    names = set(dict(model.named_parameters()))
+    norms, head = _norm_and_head_names(model)
+    adapted = names - norms if inner_params == "no_bn" else head
+    fmodel = FunctionalModel(model, CLASSIFICATION)
+    assert set(fmodel.inner_keys(inner_params)) == adapted and set(fmodel.inner_keys("all")) == names
+    reference = _reference_maml_gradient(model, tasks, 0.3, 2, first_order, adapted)
+    everything = _reference_maml_gradient(model, tasks, 0.3, 2, first_order)
+    assert max((r - e).abs().max().item() for r, e in zip(reference, everything)) > 1e-4  # the choice matters
+    algo = MAML(inner_lr=0.3, inner_steps=2, eval_inner_steps=1, outer_lr=1e-3, first_order=first_order,
+                vectorize=vectorize, task_chunk=task_chunk, inner_params=inner_params)
+    model.zero_grad()
+    algo.meta_step(fmodel, tasks).loss.backward()
+    for (name, p), r in zip(model.named_parameters(), reference):
+        torch.testing.assert_close(p.grad, r, msg=name)
+        assert p.grad.abs().max() > 0, name
+
+
+@pytest.mark.parametrize("inner_params", ["no_bn", "head"])
+@pytest.mark.parametrize("vectorize", ["batched", "vmap", "loop"])
+def test_evaluation_adapts_the_same_parameters_as_training(vectorize, inner_params):
+    """Scored by the query loss (a continuous metric, so a parameter moved or not shows)."""
+    _, tasks = _tiny_tasks()
+    model = Conv4((1, 8, 8), 3, channels=4).double()
+    norms, head = _norm_and_head_names(model)
+    adapted = set(dict(model.named_parameters())) - norms if inner_params == "no_bn" else head
+    query_loss = dataclasses.replace(CLASSIFICATION, metric=F.cross_entropy, task_metric=_task_cross_entropy)
+    scores = {}
+    for which in (inner_params, "all"):
+        algo = MAML(inner_lr=0.3, inner_steps=1, eval_inner_steps=3, outer_lr=1e-3, vectorize=vectorize, inner_params=which)
+        with torch.no_grad():
+            scores[which] = algo.evaluate(FunctionalModel(model, query_loss), tasks)
+    assert (scores[inner_params][:, 1:] - scores["all"][:, 1:]).abs().min() > 1e-6
+    for i in range(tasks.num_tasks):
+        xs, ys, xq, yq = (t[i] for t in tasks.tensors())
+        fast = {k: v.detach() for k, v in model.named_parameters()}
+        expected = [F.cross_entropy(torch.func.functional_call(model, fast, (xq,)), yq)]
+        for _ in range(3):
+            leaves = {k: v.clone().requires_grad_(k in adapted) for k, v in fast.items()}
+            loss = F.cross_entropy(torch.func.functional_call(model, leaves, (xs,)), ys)
+            grads = dict(zip(adapted, torch.autograd.grad(loss, [leaves[k] for k in adapted])))
+            fast = {k: (v - 0.3 * grads[k] if k in adapted else v).detach() for k, v in leaves.items()}
+            expected.append(F.cross_entropy(torch.func.functional_call(model, fast, (xq,)), yq))
+        torch.testing.assert_close(scores[inner_params][i], torch.stack(expected).detach())
+
+
+def test_inner_params_head_needs_a_head_and_unknown_choices_are_refused():
+    net = torch.nn.Sequential(torch.nn.Linear(1, 3))
+    with pytest.raises(ValueError, match="head"):
+        FunctionalModel(net, CLASSIFICATION).inner_keys("head")
+    with pytest.raises(ValueError, match="allowed: all, no_bn, head"):
+        MAML(inner_lr=0.3, inner_steps=1, eval_inner_steps=1, outer_lr=1e-3, inner_params="bn")
 
 
 def test_auto_task_chunk_is_eight_conv_tasks_on_the_cpu_and_the_whole_batch_elsewhere():

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from metalearn_cli import batched
-from metalearn_cli.config_checks import VECTORIZE_CHOICES  # noqa: F401  (re-exported)
+from metalearn_cli.config_checks import INNER_PARAMS, VECTORIZE_CHOICES  # noqa: F401  (re-exported)
 from metalearn_cli.algorithms.inner_optim import InnerSGD
 from metalearn_cli.models import MLP, MetaBatchNorm2d
 from metalearn_cli.tasks import Objective, TaskBatch
@@ -47,6 +47,31 @@ class FunctionalModel:
     def params(self) -> Params:
         return dict(self.module.named_parameters())
 
+    def inner_keys(self, which: str = "all") -> list[str]:
+        """The names of the parameters an inner loop adapts; the others keep the initialisation's
+        value in every task (and are still meta-learned by the outer loop).
+
+        all: every parameter (MAML as the paper describes it). no_bn: all but batch norm's scale and
+        shift (what the MAML reference code adapts: its batch-norm variables sit outside the weights
+        its inner loop updates). head: only the final linear layer (ANIL, Raghu et al. 2020)."""
+        names = list(self.params())
+        if which == "all":
+            return names
+        if which == "no_bn":
+            norms = {
+                ".".join(filter(None, (prefix, name)))
+                for prefix, layer in self.module.named_modules()
+                if isinstance(layer, (MetaBatchNorm2d, nn.modules.batchnorm._NormBase))
+                for name, _ in layer.named_parameters(recurse=False)
+            }
+            return [n for n in names if n not in norms]
+        if which == "head":
+            head = [n for n in names if n.startswith("head.")]
+            if not head:
+                raise ValueError(f"algo.inner_params=head adapts the layer named `head`, and {type(self.module).__name__} has none")
+            return head
+        raise ValueError(f"unknown inner_params {which!r}; allowed: {', '.join(INNER_PARAMS)}")
+
     def __call__(self, params: Params, x: Tensor, step: int = 0) -> Tensor:
         for layer in self.stat_layers:
             layer.step = step
@@ -56,9 +81,10 @@ class FunctionalModel:
         return self.objective.loss(self(params, x, step), y)
 
     @torch.no_grad()
-    def record_statistics(self, tasks: "TaskBatch", inner_steps: int, inner_lr: float) -> None:
+    def record_statistics(self, tasks: "TaskBatch", inner_steps: int, inner_lr: float, keys: list[str] | None = None) -> None:
         """Update running batch-norm statistics (modes frozen and per_step) from the support sets
-        of `tasks`, at the initialisation and (per_step) after each of `inner_steps` SGD steps.
+        of `tasks`, at the initialisation and (per_step) after each of `inner_steps` SGD steps on
+        the parameters named in `keys` (default all).
         Runs task by task outside any transform, after the meta-update; never inside the inner loop."""
         if not self.stat_layers:
             return
@@ -78,7 +104,7 @@ class FunctionalModel:
                         layer.recording = False
                 if step < steps:
                     grads = grad(self.loss)(params, x, y, step)
-                    params = {k: p - inner_lr * grads[k] for k, p in params.items()}
+                    params = {k: p - inner_lr * grads[k] if keys is None or k in keys else p for k, p in params.items()}
         for layer in self.stat_layers:  # steps never seen in training reuse the last one
             if layer.mode == "per_step" and steps + 1 < layer.running_mean.shape[0]:
                 layer.running_mean[steps + 1 :] = layer.running_mean[steps]
@@ -241,6 +267,10 @@ class Algorithm(ABC):
         """Compute one meta-iteration over `tasks` (does not touch the model's parameters);
         `iteration` is its 0-based index in the run, for algorithms that change with it."""
 
+    def inner_keys(self, fmodel: FunctionalModel) -> list[str] | None:
+        """The parameters adaptation updates, at meta-training and evaluation alike; None: all."""
+        return None
+
     # -- evaluation -------------------------------------------------------------------------
     def eval_optimizer(self):
         return InnerSGD(self.eval_inner_lr)
@@ -268,19 +298,24 @@ class Algorithm(ABC):
         how = self.execution(fmodel, tasks)
         indices = self.eval_support_indices(tasks, steps)
         extra = () if indices is None else (indices.to(tasks.support_x.device),)
+        keys = self.inner_keys(fmodel)
         if how in ("batched", "loop") and batched.supports(fmodel.module):
             return over_task_slices(
-                lambda part, *index: self._evaluate_batched(fmodel, params, optimizer, part, steps, *index),
+                lambda part, *index: self._evaluate_batched(fmodel, params, optimizer, part, steps, *index, keys=keys),
                 tasks, self.chunk(fmodel, tasks, how), *extra,
             )
+        keys = list(params) if keys is None else keys
 
         def score(support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, *index: Tensor) -> Tensor:
-            adapted, state = params, optimizer.init(params)
+            adapted = dict(params)
+            state = optimizer.init({k: adapted[k] for k in keys})
             scores = [metric(fmodel(adapted, query_x, 0), query_y)]
             for step in range(steps):
                 x, y = (support_x[index[0][step]], support_y[index[0][step]]) if index else (support_x, support_y)
-                grads = grad(fmodel.loss)(adapted, x, y, step)
-                adapted, state = optimizer.step(adapted, grads, state)
+                sub = {k: adapted[k] for k in keys}
+                grads = grad(lambda s: fmodel.loss({**adapted, **s}, x, y, step))(sub)
+                sub, state = optimizer.step(sub, grads, state)
+                adapted = {**adapted, **sub}
                 scores.append(metric(fmodel(adapted, query_x, step + 1), query_y))
             return torch.stack(scores)
 
@@ -289,7 +324,7 @@ class Algorithm(ABC):
 
     @staticmethod
     def _evaluate_batched(fmodel: FunctionalModel, params: Params, optimizer, tasks: TaskBatch, steps: int,
-                          indices: Tensor | None = None) -> Tensor:
+                          indices: Tensor | None = None, keys: list[str] | None = None) -> Tensor:
         objective, module = fmodel.objective, fmodel.module
         rows = torch.arange(tasks.num_tasks, device=tasks.support_x.device).unsqueeze(1)
 
@@ -304,7 +339,7 @@ class Algorithm(ABC):
         with torch.no_grad():
             scores = [score(0, batched.expand(params, tasks.num_tasks))]
         adapt_detached(fmodel, params, optimizer, tasks.num_tasks, support, steps,
-                       after_step=lambda step, adapted: scores.append(score(step, adapted)))
+                       after_step=lambda step, adapted: scores.append(score(step, adapted)), keys=keys)
         return torch.stack(scores, dim=1)
 
 
@@ -316,23 +351,26 @@ def adapt_detached(
     support: Callable[[int], tuple[Tensor, Tensor]],
     steps: int,
     after_step: Callable[[int, Params], None] | None = None,
+    keys: list[str] | None = None,
 ) -> tuple[Params, dict]:
     """`steps` inner-optimizer steps from theta for `num_tasks` tasks at once (metalearn_cli.batched),
     with no graph through the steps: what evaluation and Reptile adapt with. `support(step)` gives
     the [T, n, ...] inputs and targets of that step; `after_step(k, params)` sees the parameters
-    after k steps (under no_grad). Returns the adapted [T, ...] parameters and the optimizer's
-    final state."""
+    after k steps (under no_grad). Only the parameters named in `keys` (default all) are adapted.
+    Returns the adapted [T, ...] parameters and the optimizer's final state (over `keys`)."""
     objective, module = fmodel.objective, fmodel.module
     params = batched.expand(theta, num_tasks)
-    state = optimizer.init(params)
+    keys = list(params) if keys is None else keys
+    state = optimizer.init({k: params[k] for k in keys})
     for step in range(steps):
         x, y = support(step)
-        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        leaves = {k: params[k].detach().requires_grad_(True) for k in keys}
         with torch.enable_grad():
-            losses = objective.task_loss(batched.batched_forward(module, leaves, x, step), y)
+            losses = objective.task_loss(batched.batched_forward(module, {**params, **leaves}, x, step), y)
             grads = dict(zip(leaves, torch.autograd.grad(losses.sum(), list(leaves.values()))))
         with torch.no_grad():
-            params, state = optimizer.step({k: v.detach() for k, v in leaves.items()}, grads, state)
+            adapted, state = optimizer.step({k: v.detach() for k, v in leaves.items()}, grads, state)
+            params = {**params, **adapted}
             if after_step is not None:
                 after_step(step + 1, params)
     return params, state

@@ -18,6 +18,12 @@ The meta-optimizer is Adam with learning rate `outer_lr`, constant as in the pap
 `outer_lr_schedule="cosine"`, annealed along a half cosine from `outer_lr` to `outer_lr_final` over
 the run's `trainer.max_steps` meta-iterations (as MAML++, Antoniou et al. 2019, does): a run with a
 budget far below the paper's 60,000 iterations still ends at a small step size.
+
+`inner_params` chooses which parameters the inner loop adapts, in meta-training and evaluation
+alike: `all` (the paper's description), `no_bn` (what the reference code adapts: batch norm's
+scale and shift are meta-learned but the same in every task) or `head` (ANIL, Raghu et al. 2020:
+only the final linear layer). Parameters left out keep theta's value in every task and get the
+exact meta-gradient through the adapted ones.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from torch.func import grad
 
 from metalearn_cli.algorithms.base import Algorithm, FunctionalModel, MetaStep, Params, annealed, over_task_slices, over_tasks
 from metalearn_cli.batched import batched_forward, expand, supports
-from metalearn_cli.config_checks import OUTER_LR_SCHEDULES
+from metalearn_cli.config_checks import INNER_PARAMS, OUTER_LR_SCHEDULES
 from metalearn_cli.tasks import TaskBatch
 
 
@@ -44,9 +50,12 @@ class MAML(Algorithm):
         first_order_steps: int = 0,
         outer_lr_schedule: str = "constant",
         outer_lr_final: float = 0.0,
+        inner_params: str = "all",
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
+        if inner_params not in INNER_PARAMS:
+            raise ValueError(f"unknown inner_params {inner_params!r}; allowed: {', '.join(INNER_PARAMS)}")
         if outer_lr_schedule not in OUTER_LR_SCHEDULES:
             raise ValueError(f"unknown outer_lr_schedule {outer_lr_schedule!r}; allowed: {', '.join(OUTER_LR_SCHEDULES)}")
         if int(first_order_steps) != first_order_steps or first_order_steps < 0:
@@ -55,6 +64,13 @@ class MAML(Algorithm):
         self.first_order_steps = int(first_order_steps)
         self.outer_lr_schedule = outer_lr_schedule
         self.outer_lr_final = float(outer_lr_final)
+        self.inner_params = inner_params
+
+    def inner_keys(self, fmodel: FunctionalModel) -> list[str] | None:
+        return None if self.inner_params == "all" else fmodel.inner_keys(self.inner_params)
+
+    def eval_protocol(self) -> dict:
+        return {**super().eval_protocol(), "inner_params": self.inner_params}
 
     def configure_optimizers(self, parameters: Iterable[nn.Parameter], max_steps: int) -> dict:
         optimizer = torch.optim.Adam(parameters, lr=self.outer_lr)
@@ -68,20 +84,23 @@ class MAML(Algorithm):
 
     def adapt(self, fmodel: FunctionalModel, params: Params, x: Tensor, y: Tensor, steps: int, first_order: bool = False) -> Params:
         """The inner loop: `steps` SGD steps on (x, y), differentiable w.r.t. `params` (through the
-        inner gradients too unless `first_order`)."""
+        inner gradients too unless `first_order`). Only the parameters in `inner_keys` move."""
+        keys = self.inner_keys(fmodel) or list(params)
         for step in range(steps):
-            grads = grad(fmodel.loss)(params, x, y, step)
+            current = params
+            grads = grad(lambda adapted: fmodel.loss({**current, **adapted}, x, y, step))({k: params[k] for k in keys})
             if first_order:
                 grads = {k: g.detach() for k, g in grads.items()}
-            params = {k: p - self.inner_lr * grads[k] for k, p in params.items()}
+            params = {**params, **{k: params[k] - self.inner_lr * grads[k] for k in keys}}
         return params
 
     def adapt_batched(self, fmodel: FunctionalModel, params: Params, x: Tensor, y: Tensor, steps: int, first_order: bool = False) -> Params:
         """The same inner loop for all tasks at once: params[name] is [T, ...], x is [T, N, ...]."""
+        keys = self.inner_keys(fmodel) or list(params)
         for step in range(steps):
             losses = fmodel.objective.task_loss(batched_forward(fmodel.module, params, x, step), y)
-            grads = torch.autograd.grad(losses.sum(), list(params.values()), create_graph=not first_order)
-            params = {k: p - self.inner_lr * g for (k, p), g in zip(params.items(), grads)}
+            grads = torch.autograd.grad(losses.sum(), [params[k] for k in keys], create_graph=not first_order)
+            params = {**params, **{k: params[k] - self.inner_lr * g for k, g in zip(keys, grads)}}
         return params
 
     def meta_step(self, fmodel: FunctionalModel, tasks: TaskBatch, iteration: int = 0) -> MetaStep:
