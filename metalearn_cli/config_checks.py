@@ -24,6 +24,8 @@ OUTER_LR_SCHEDULES = ("constant", "cosine")
 BN_MODES = ("transductive", "frozen", "per_step")
 #: algo.inner_params: which parameters MAML's inner loop adapts (see FunctionalModel.inner_keys)
 INNER_PARAMS = ("all", "no_bn", "head")
+#: data.train_on: the classes meta-training draws from (see data.images.ImageTasks)
+TRAIN_ON_CHOICES = ("train", "trainval")
 
 
 def _value(cfg: DictConfig, key: str) -> Any:
@@ -108,6 +110,8 @@ def check_config(cfg: DictConfig) -> None:
     positive_int(cfg, "eval.batch_tasks", "tasks evaluated together")
     positive_int(cfg, "eval.task_seed", "the seed that fixes validation and test tasks", minimum=0)
     positive_int(cfg, "checkpoint.every_n_steps", "meta-iterations between saves of last.ckpt", optional=True, minimum=0)
+    if _value(cfg, "data.train_on") is not None:
+        one_of(cfg, "data.train_on", TRAIN_ON_CHOICES)
     if _value(cfg, "model.bn") is not None:
         one_of(cfg, "model.bn", BN_MODES)
     if _value(cfg, "model.downsample") is not None:

@@ -14,6 +14,7 @@ def run_summary(experiment, cfg: DictConfig, choices: dict, ckpt: Path | str, sp
         ckpt=str(Path(ckpt).absolute()),
         algo=choices.get("algo"),
         data=choices.get("data"),
+        train_on=experiment.source.train_on,
         model=choices.get("model"),
         ways=experiment.sampler.ways,
         shots=experiment.sampler.shots,

@@ -78,7 +78,9 @@ def train(cfg: DictConfig) -> float | None:
         if trainer.is_global_zero:
             print(message, file=sys.stderr)
         sys.exit(128 + (stop.signal or signal.SIGTERM))
-    best = checkpoints.best_path if checkpoints.best_path.exists() else checkpoints.last_path
+    # the best-validation checkpoint, unless meta-training saw the validation classes (data.train_on=trainval)
+    held_out = experiment.source.validation_held_out
+    best = checkpoints.best_path if held_out and checkpoints.best_path.exists() else checkpoints.last_path
     with scoring_ends_on_sigterm(f"Training finished and {best} is saved; score it with: metalearn eval ckpt={best}",
                                  speak=trainer.is_global_zero):
         trainer.test(experiment.module, datamodule=experiment.datamodule, ckpt_path=str(best), verbose=False, weights_only=True)

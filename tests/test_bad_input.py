@@ -165,6 +165,7 @@ def test_an_existing_run_is_never_overwritten(run_cli, tmp_path, trained_run):
         ("sampler.ways=5000", ["sampler.ways", "5000", "classes"]),
         ("sampler.shots=30", ["sampler.shots", "images per class"]),
         ("data.split=lake", ["data.split", "vinyals", "maml"]),
+        ("data.train_on=all", ["data.train_on", "'all'", "train, trainval"]),
         ("data.root=/no/such/folder", ["data.root", "/no/such/folder", "omniglot-py"]),
     ],
 )

@@ -129,6 +129,7 @@ def test_omniglot_train_and_eval(run_cli, tmp_path, algo, omniglot_cache):
     assert "test acc after 2 steps" in proc.stdout.strip().splitlines()[-1]
     test = json.loads((tmp_path / "run" / "test.json").read_text())
     assert test["metric"] == "acc" and test["ways"] == 5 and test["shots"] == 1 and 0 <= test["mean"] <= 1
+    assert Path(test["ckpt"]).name == "best.ckpt" and test["train_on"] == "train"
     # MAML's evaluation may adapt other parameters than its training did (ANIL-style scoring), on record
     extra = ["algo.inner_params=head"] if algo == "maml" else []
     run_cli("eval", f"ckpt={tmp_path}/run/checkpoints/last.ckpt", "sampler.shots=5", "eval.num_tasks=4",
@@ -150,3 +151,13 @@ def test_omniglot_train_and_eval(run_cli, tmp_path, algo, omniglot_cache):
         carried = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)["state_dict"]
         steps = next(int(v) for k, v in carried.items() if k.endswith("inner_state.t"))
         assert report["eval_adam_start"] == "carried" and report["eval_adam_carried_steps"] == steps > 0
+
+
+def test_training_on_trainval_scores_the_last_checkpoint(run_cli, tmp_path, omniglot_cache):
+    """data.train_on=trainval meta-trains on the validation characters too, so validation no longer
+    measures generalisation: the run scores last.ckpt, not the best-validation checkpoint."""
+    run_cli("train", *omniglot_args(omniglot_cache), "data.train_on=trainval", "algo.eval_inner_steps=1",
+                   "hydra.run.dir=run", check=True)
+    test = json.loads((tmp_path / "run" / "test.json").read_text())
+    assert Path(test["ckpt"]) == tmp_path / "run" / "checkpoints" / "last.ckpt" and test["train_on"] == "trainval"
+    assert (tmp_path / "run" / "checkpoints" / "best.ckpt").exists() and test["steps"] == 4

@@ -128,6 +128,19 @@ def test_folder_fraction_split_samples_and_caches(tmp_path, monkeypatch):
     assert len(cache_files(cache)) == 1
 
 
+def test_folder_trainval_trains_on_the_validation_classes_too(tmp_path):
+    root, cache = make_tree(tmp_path / "tree"), tmp_path / "cache"
+    plain = ImageFolder(root, image_size=8, cache_dir=cache)
+    both = ImageFolder(root, image_size=8, cache_dir=cache, train_on="trainval")
+    assert both.splits["train"].names == plain.splits["train"].names + plain.splits["val"].names
+    assert torch.equal(both.splits["train"].pixels, torch.cat([plain.splits["train"].pixels, plain.splits["val"].pixels]))
+    assert both.splits["val"].names == plain.splits["val"].names and both.splits["test"].names == plain.splits["test"].names
+    assert plain.validation_held_out and not both.validation_held_out
+    check_batch(both, "train", ways=8, shots=1, queries=2, shape=(3, 8, 8))  # 8 classes: more than train's 6
+    with pytest.raises(MetalearnError, match="data.train_on"):
+        ImageFolder(root, image_size=8, cache_dir=cache, train_on="everything")
+
+
 def test_folder_split_seed_explicit_splits_and_grey(tmp_path):
     root, cache = make_tree(tmp_path / "tree"), tmp_path / "cache"
     first = ImageFolder(root, image_size=8, cache_dir=cache, split_seed=0)
@@ -253,6 +266,15 @@ def test_mnist_splits_by_digit_and_file(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets, "MNIST", refuse)
     again = MNIST(root, cache_dir=cache)
     assert torch.equal(again.splits["val"].pixels, source.splits["val"].pixels)
+
+
+def test_mnist_trainval_is_refused_where_val_and_test_share_digits(tmp_path):
+    """The default MNIST split validates and tests on digits 5-9: training on val would train on test classes."""
+    root = make_mnist(tmp_path / "data")
+    with pytest.raises(MetalearnError, match=r"`data.train_on`.*share classes \(5, 6, 7, 8, 9\)"):
+        MNIST(root, cache_dir=tmp_path / "c", train_on="trainval")
+    own = MNIST(root, cache_dir=tmp_path / "c", train_on="trainval", classes={"train": [0, 1, 2], "val": [3, 4], "test": [5, 6, 7]})
+    assert own.splits["train"].names == ["0", "1", "2", "3", "4"]
 
 
 def test_mnist_resize_and_custom_classes(tmp_path):
@@ -587,21 +609,27 @@ def test_config_mnist(tmp_path):
 
 def test_config_cifar_fs(tmp_path):
     root = make_cifar100(tmp_path / "data", per_part=1)
-    cfg = compose_data(["data=cifar_fs", f"data.root={root}", f"data.cache_dir={tmp_path}/c"])
+    overrides = ["data=cifar_fs", f"data.root={root}", f"data.cache_dir={tmp_path}/c"]
+    cfg = compose_data(overrides)
     assert (cfg.model.downsample, cfg.model.pool, cfg.model.channels) == ("maxpool", "flatten", 64)
     assert (cfg.sampler.ways, cfg.sampler.shots, cfg.sampler.queries, cfg.sampler.meta_batch_size) == (5, 1, 15, 4)
     assert compose_data(["data=cifar_fs"]).data.root == "~/data"
     source = instantiate(cfg.data, _convert_="all")
     assert isinstance(source, CIFARFS) and source.input_shape == (3, 32, 32)
     assert class_counts(source) == {"train": 64, "val": 16, "test": 20}
+    trainval = instantiate(compose_data([*overrides, "data.train_on=trainval"]).data, _convert_="all")
+    assert class_counts(trainval) == {"train": 80, "val": 16, "test": 20}
 
 
 def test_config_miniimagenet(tmp_path):
     root = make_mini_pickles(tmp_path / "mini")
-    cfg = compose_data(["data=miniimagenet", f"data.root={root}", f"data.cache_dir={tmp_path}/c"])
+    overrides = ["data=miniimagenet", f"data.root={root}", f"data.cache_dir={tmp_path}/c"]
+    cfg = compose_data(overrides)
     assert (cfg.model.downsample, cfg.model.pool, cfg.model.channels) == ("maxpool", "flatten", 32)
     assert (cfg.sampler.ways, cfg.sampler.shots, cfg.sampler.queries, cfg.sampler.meta_batch_size) == (5, 1, 15, 4)
     assert compose_data(["data=miniimagenet"]).data.root == "~/data/miniimagenet"
     source = instantiate(cfg.data, _convert_="all")
     assert isinstance(source, MiniImageNet) and source.input_shape == (3, 84, 84)
     assert class_counts(source) == MINI_SPLITS
+    trainval = instantiate(compose_data([*overrides, "data.train_on=trainval"]).data, _convert_="all")
+    assert class_counts(trainval) == {**MINI_SPLITS, "train": MINI_SPLITS["train"] + MINI_SPLITS["val"]}

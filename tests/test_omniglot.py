@@ -29,6 +29,18 @@ def test_vinyals_split_matches_the_split_files(omniglot):
     assert vinyals_split_of("Gurmukhi/character41") == "train" and vinyals_split_of("Gurmukhi/character42") == "test"
 
 
+def test_trainval_trains_on_the_1200_characters_of_vinyals_et_al(omniglot_cache):
+    """data.train_on=trainval: the split file trainval.txt (4800 classes); val and test unchanged."""
+    trainval = Omniglot(str(OMNIGLOT), train_on="trainval", cache_dir=str(omniglot_cache))
+    expected = (OMNIGLOT / "splits" / "vinyals" / "trainval.txt").read_text().split()
+    assert sorted(trainval.splits["train"].class_names) == sorted(expected) and len(expected) == 4800
+    assert sorted(trainval.splits["val"].class_names) == sorted((OMNIGLOT / "splits/vinyals/val.txt").read_text().split())
+    assert not set(trainval.splits["train"].names) & set(trainval.splits["test"].names)
+    assert (trainval.train_on, trainval.validation_held_out) == ("trainval", False)
+    batch = trainval.sample("train", torch.Generator().manual_seed(0), 400, 5, 1, 1)
+    assert (batch.classes >= 4112).any()  # the validation characters are drawn in training
+
+
 def test_images_are_28px_strokes_on_zero_background(omniglot):
     classes = omniglot.splits["train"]
     assert classes.pixels.shape == (1028 * 20, 1, 28, 28)

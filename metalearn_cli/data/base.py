@@ -20,6 +20,14 @@ class TaskSource(ABC):
     input_shape: tuple[int, ...]
     #: short name used in run summaries (`eval.json`'s "data")
     name: str
+    #: the classes meta-training draws from: "train", or "trainval" (`data.train_on`, image data)
+    train_on: str = "train"
+
+    @property
+    def validation_held_out(self) -> bool:
+        """Whether validation tasks come from classes meta-training never sees (so that the
+        best-validation checkpoint is a fair pick)."""
+        return self.train_on == "train"
 
     @abstractmethod
     def output_dim(self, ways: int | None) -> int:

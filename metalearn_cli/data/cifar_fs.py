@@ -71,6 +71,7 @@ class CIFARFS(ImageTasks):
         download: bool = False,
         image_size: int = 32,
         cache_dir: str | None = None,
+        train_on: str = "train",
     ) -> None:
         image_size = check_image_size(image_size)
         self.root = Path(str(root)).expanduser()
@@ -81,7 +82,7 @@ class CIFARFS(ImageTasks):
         data = cached(cache_dir, f"cifar100-{image_size}px", key, lambda: self._decode(image_size))
         by_name = split_decoded(data)
         splits = {s: ImageClasses.from_lists([by_name[c] for c in names], list(names)) for s, names in SPLIT_CLASSES.items()}
-        super().__init__(splits, name="cifar-fs", invert=False)
+        super().__init__(splits, name="cifar-fs", invert=False, train_on=train_on)
 
     # -- files -------------------------------------------------------------------------------
     @property

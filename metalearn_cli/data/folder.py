@@ -127,6 +127,7 @@ class ImageFolder(ImageTasks):
         fractions: Sequence[float] = DEFAULT_FRACTIONS,
         split_seed: int = 0,
         cache_dir: str | None = None,
+        train_on: str = "train",
     ) -> None:
         image_size = check_image_size(image_size)
         if channels not in (1, 3) or isinstance(channels, bool):
@@ -143,7 +144,7 @@ class ImageFolder(ImageTasks):
         data = cached(cache_dir, f"folder-{image_size}px-{channels}c", key, lambda: decode_classes(files, image_size, channels))
         by_name = split_decoded(data)
         built = {s: ImageClasses.from_lists([by_name[c] for c in groups[s]], groups[s]) for s in SPLITS}
-        super().__init__(built, name="folder", invert=False)
+        super().__init__(built, name="folder", invert=False, train_on=train_on)
 
     # -- classes and splits ----------------------------------------------------------------------
     def _classes(self) -> list[str]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from metalearn_cli.config_checks import TRAIN_ON_CHOICES
 from metalearn_cli.data.base import SPLITS, TaskSource
 from metalearn_cli.errors import MetalearnError
 from metalearn_cli.tasks import CLASSIFICATION, TaskBatch
@@ -50,6 +51,13 @@ class ImageClasses:
             return list(self.names)
         return [f"{n}/rot{90 * r:03d}" for n in self.names for r in range(self.rotations)]
 
+    def joined(self, other: "ImageClasses") -> "ImageClasses":
+        """The classes of both, self's first (same rotations)."""
+        if other.rotations != self.rotations:
+            raise ValueError("cannot join splits with different rotations")
+        return ImageClasses(torch.cat([self.pixels, other.pixels]), torch.cat([self.counts, other.counts]),
+                            self.names + other.names, self.rotations)
+
     @staticmethod
     def from_lists(pixels_per_class: list[torch.Tensor], names: list[str], rotations: int = 1) -> "ImageClasses":
         counts = [p.shape[0] for p in pixels_per_class]
@@ -62,15 +70,35 @@ class ImageTasks(TaskSource):
     Pixels become floats in [0, 1] (`invert`: 1 - x, so Omniglot strokes are 1 as in MAML's code).
     Class labels 0..N-1 are assigned in the random order the classes were drawn, so they are
     shuffled per task.
+
+    `train_on="trainval"` meta-trains on the training and validation classes together, as the final
+    models of Vinyals et al. 2016 and Prototypical Networks are trained once the schedule has been
+    chosen on a train/val run. Validation tasks are then drawn from classes seen in training: they
+    monitor the run but do not measure generalisation, so `metalearn train` scores the last
+    checkpoint, not the best-validation one.
     """
 
     objective = CLASSIFICATION
 
-    def __init__(self, splits: dict[str, ImageClasses], name: str, invert: bool = False, augment_rotations: bool = False) -> None:
+    def __init__(self, splits: dict[str, ImageClasses], name: str, invert: bool = False, augment_rotations: bool = False,
+                 train_on: str = "train") -> None:
         missing = [s for s in SPLITS if s not in splits]
         if missing:
             raise ValueError(f"missing splits {missing}")
+        if train_on not in TRAIN_ON_CHOICES:
+            raise MetalearnError(f"invalid value for `data.train_on`: {train_on!r}. Allowed: {', '.join(TRAIN_ON_CHOICES)} "
+                                 "(the classes meta-training draws from).")
+        if train_on == "trainval":
+            shared = sorted(set(splits["val"].names) & set(splits["test"].names))
+            if shared:
+                raise MetalearnError(
+                    f"invalid value for `data.train_on`: 'trainval'. The val and test splits of {name} share classes "
+                    f"({', '.join(shared[:5])}{', ...' if len(shared) > 5 else ''}), so training on val would train on test "
+                    "classes. Allowed here: train, or give val classes of its own."
+                )
+            splits = {**splits, "train": splits["train"].joined(splits["val"])}
         self.splits = splits
+        self.train_on = train_on
         self.name = name
         self.invert = invert
         #: rotate every drawn class by a random multiple of 90 degrees (MAML's Omniglot augmentation)

@@ -50,7 +50,7 @@ def _str(key: object) -> str:
 
 
 class MiniImageNet(ImageTasks):
-    def __init__(self, root: str, image_size: int = 84, cache_dir: str | None = None) -> None:
+    def __init__(self, root: str, image_size: int = 84, cache_dir: str | None = None, train_on: str = "train") -> None:
         image_size = check_image_size(image_size)
         self.root = Path(str(root)).expanduser()
         self.layout, found = self._find()
@@ -72,7 +72,7 @@ class MiniImageNet(ImageTasks):
         for split in SPLITS:
             by_name = split_decoded(data[split])
             splits[split] = ImageClasses.from_lists(list(by_name.values()), list(by_name))
-        super().__init__(splits, name="miniimagenet", invert=False)
+        super().__init__(splits, name="miniimagenet", invert=False, train_on=train_on)
 
     # -- layouts -----------------------------------------------------------------------------
     def _find(self) -> tuple[str, dict[str, Path]]:

@@ -83,6 +83,7 @@ class MNIST(ImageTasks):
         image_size: int = 28,
         classes: Mapping[str, Sequence[int]] | None = None,
         cache_dir: str | None = None,
+        train_on: str = "train",
     ) -> None:
         image_size = check_image_size(image_size)
         groups = check_classes(DEFAULT_CLASSES if classes is None else classes)
@@ -97,7 +98,7 @@ class MNIST(ImageTasks):
             by_digit = parts[PART_OF_SPLIT[split]]
             names = [str(d) for d in digits]
             splits[split] = ImageClasses.from_lists([by_digit[n] for n in names], names)
-        super().__init__(splits, name="mnist", invert=False)
+        super().__init__(splits, name="mnist", invert=False, train_on=train_on)
 
     # -- files -------------------------------------------------------------------------------
     @property

@@ -14,6 +14,9 @@ Splits:
 * `maml`: the MAML paper's split: the 1623 characters shuffled with seed 1, the first 1100 for
   training, the next 100 for validation and the remaining 423 for test; each drawn class is turned
   by a random multiple of 90 degrees in every task (MAML's augmentation).
+
+`train_on="trainval"` meta-trains on the train and val characters together (Vinyals et al.'s
+1200 training characters; `splits/vinyals/trainval.txt` of Prototypical Networks).
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ class Omniglot(ImageTasks):
         image_size: int = 28,
         download: bool = False,
         cache_dir: str | None = None,
+        train_on: str = "train",
     ) -> None:
         if split not in SPLIT_CHOICES:
             raise MetalearnError(f"invalid value for `data.split`: {split!r}. Allowed: {', '.join(SPLIT_CHOICES)}.")
@@ -88,7 +92,7 @@ class Omniglot(ImageTasks):
             s: ImageClasses.from_lists([by_name[c] for c in names], names, rotations=rotations)
             for s, names in groups.items()
         }
-        super().__init__(splits, name=f"omniglot-{split}", invert=True, augment_rotations=augment)
+        super().__init__(splits, name=f"omniglot-{split}", invert=True, augment_rotations=augment, train_on=train_on)
 
     # -- files -------------------------------------------------------------------------------
     def _download(self) -> None:
