@@ -116,6 +116,8 @@ def check_config(cfg: DictConfig) -> None:
         one_of(cfg, "model.bn", BN_MODES)
     if _value(cfg, "model.downsample") is not None:
         one_of(cfg, "model.downsample", ("stride", "maxpool"))
+    if _value(cfg, "model.init") is not None:
+        one_of(cfg, "model.init", ("pytorch", "reference"))
     if _value(cfg, "model.pool") is not None:
         one_of(cfg, "model.pool", ("mean", "flatten"))
     positive_int(cfg, "model.channels", "filters per convolution", optional=True)

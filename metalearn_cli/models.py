@@ -90,6 +90,10 @@ class MetaBatchNorm2d(nn.Module):
         )
 
 
+#: Conv4's initialisations: PyTorch's defaults, or MAML's reference code's
+INITS = ("pytorch", "reference")
+
+
 class Conv4(nn.Module):
     """The 4-block convolutional network of MAML, Reptile and most few-shot papers.
 
@@ -98,6 +102,10 @@ class Conv4(nn.Module):
     miniImageNet network, with 32 filters). The features are averaged over space ("mean", MAML's
     Omniglot head) or flattened ("flatten", its miniImageNet head) and a linear layer gives the
     class scores.
+
+    `init="pytorch"` keeps PyTorch's default initialisation; `init="reference"` is MAML's TensorFlow
+    code's: Glorot-uniform convolutions, zero biases and a head drawn from N(0, 1), whose weights are
+    about 14 times PyTorch's (with 64 features), which changes the size of the inner loop's steps.
     """
 
     def __init__(
@@ -110,8 +118,11 @@ class Conv4(nn.Module):
         pool: str = "mean",
         bn: str = "transductive",
         bn_steps: int = 10,
+        init: str = "pytorch",
     ) -> None:
         super().__init__()
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}")
         if downsample not in ("stride", "maxpool"):
             raise ValueError(f"unknown downsample {downsample!r}")
         if pool not in ("mean", "flatten"):
@@ -133,6 +144,13 @@ class Conv4(nn.Module):
         with torch.no_grad():
             size = self._pool(self.features(torch.zeros(2, *input_shape))).shape[-1]
         self.head = nn.Linear(size, out_features)
+        if init == "reference":
+            for layer in self.features:
+                if isinstance(layer, nn.Conv2d):
+                    nn.init.xavier_uniform_(layer.weight)
+                    nn.init.zeros_(layer.bias)
+            nn.init.normal_(self.head.weight, 0.0, 1.0)
+            nn.init.zeros_(self.head.bias)
 
     def _pool(self, h: torch.Tensor) -> torch.Tensor:
         return h.mean(dim=(-2, -1)) if self.pool == "mean" else h.flatten(1)

@@ -166,6 +166,7 @@ def test_an_existing_run_is_never_overwritten(run_cli, tmp_path, trained_run):
         ("sampler.shots=30", ["sampler.shots", "images per class"]),
         ("data.split=lake", ["data.split", "vinyals", "maml"]),
         ("data.train_on=all", ["data.train_on", "'all'", "train, trainval"]),
+        ("model.init=xavier", ["model.init", "'xavier'", "pytorch, reference"]),
         ("data.root=/no/such/folder", ["data.root", "/no/such/folder", "omniglot-py"]),
     ],
 )

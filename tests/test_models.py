@@ -21,6 +21,23 @@ def test_conv4_shapes_match_the_papers():
     assert sum(p.numel() for p in mini.parameters()) == 32 * 3 * 9 + 32 + 3 * (32 * 32 * 9 + 32) + 4 * 64 + 800 * 5 + 5
 
 
+def test_conv4_reference_init_is_the_maml_codes():
+    """model.init=reference: Glorot-uniform convolutions, zero biases, a N(0, 1) head (MAML's
+    TensorFlow code); the default stays PyTorch's (head weights within 1/sqrt(64))."""
+    torch.manual_seed(0)
+    default, reference = Conv4((1, 28, 28), 5), Conv4((1, 28, 28), 5, init="reference")
+    assert default.head.weight.abs().max() <= 1 / 8 and default.head.bias.abs().max() > 0
+    assert 0.85 < reference.head.weight.std() < 1.15 and reference.head.weight.abs().max() > 1.5
+    convs = [m for m in reference.features if isinstance(m, torch.nn.Conv2d)]
+    for conv in convs:
+        fan_in, fan_out = conv.in_channels * 9, conv.out_channels * 9
+        assert conv.weight.abs().max() <= (6 / (fan_in + fan_out)) ** 0.5
+        assert torch.all(conv.bias == 0)
+    assert torch.all(reference.head.bias == 0)
+    with pytest.raises(ValueError, match="init"):
+        Conv4((1, 28, 28), 5, init="xavier")
+
+
 def _tiny_tasks(num_tasks=3, ways=3, shots=2, queries=2, seed=0):
     torch.manual_seed(seed)
     classes = ImageClasses.from_lists([torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8) for _ in range(8)], [str(i) for i in range(8)])
