@@ -22,6 +22,8 @@ VECTORIZE_CHOICES = ("auto", "batched", "vmap", "loop")
 OUTER_LR_SCHEDULES = ("constant", "cosine")
 #: model.bn: which statistics batch norm uses at test (see models.MetaBatchNorm2d)
 BN_MODES = ("transductive", "frozen", "per_step")
+#: model.init: conv4's initialisation, PyTorch's defaults or MAML's reference code's (see models.Conv4)
+CONV4_INITS = ("pytorch", "reference")
 #: algo.inner_params: which parameters MAML's inner loop adapts (see FunctionalModel.inner_keys)
 INNER_PARAMS = ("all", "no_bn", "head")
 #: data.train_on: the classes meta-training draws from (see data.images.ImageTasks)
@@ -117,7 +119,7 @@ def check_config(cfg: DictConfig) -> None:
     if _value(cfg, "model.downsample") is not None:
         one_of(cfg, "model.downsample", ("stride", "maxpool"))
     if _value(cfg, "model.init") is not None:
-        one_of(cfg, "model.init", ("pytorch", "reference"))
+        one_of(cfg, "model.init", CONV4_INITS)
     if _value(cfg, "model.pool") is not None:
         one_of(cfg, "model.pool", ("mean", "flatten"))
     positive_int(cfg, "model.channels", "filters per convolution", optional=True)

@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from metalearn_cli.config_checks import BN_MODES
+from metalearn_cli.config_checks import BN_MODES, CONV4_INITS
 
 
 class MLP(nn.Module):
@@ -90,10 +90,6 @@ class MetaBatchNorm2d(nn.Module):
         )
 
 
-#: Conv4's initialisations: PyTorch's defaults, or MAML's reference code's
-INITS = ("pytorch", "reference")
-
-
 class Conv4(nn.Module):
     """The 4-block convolutional network of MAML, Reptile and most few-shot papers.
 
@@ -121,7 +117,7 @@ class Conv4(nn.Module):
         init: str = "pytorch",
     ) -> None:
         super().__init__()
-        if init not in INITS:
+        if init not in CONV4_INITS:
             raise ValueError(f"unknown init {init!r}")
         if downsample not in ("stride", "maxpool"):
             raise ValueError(f"unknown downsample {downsample!r}")
