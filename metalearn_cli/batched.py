@@ -10,7 +10,7 @@ meta-batch instead of a few dozen per task (the per-task loop) or per-op batchin
 
 Supported: the networks of `metalearn_cli.models` (MLP, Conv4) built from Linear, Conv2d,
 MetaBatchNorm2d, ReLU, MaxPool2d and Flatten. `supports(model)` says whether a model qualifies;
-other models run with vmap or the loop (see `Algorithm.execution`).
+other models run with vmap or the loop (see `metalearn_cli.execution`).
 """
 
 from __future__ import annotations
@@ -60,15 +60,16 @@ def _batch_norm(x: Tensor, layer: MetaBatchNorm2d, weight: Tensor, bias: Tensor,
     return F.batch_norm(x, mean, var, weight.reshape(-1), bias.reshape(-1), False, 0.0, layer.eps)
 
 
-def batched_forward(model: nn.Module, params: Params, x: Tensor, step: int = 0) -> Tensor:
-    """x [T, N, *input_shape] -> [T, N, out] with params[name] of shape [T, *shape]."""
+def batched_forward(model: nn.Module, params: Params, x: Tensor, step: int = 0, features_only: bool = False) -> Tensor:
+    """x [T, N, *input_shape] -> [T, N, out] with params[name] of shape [T, *shape]
+    (features_only: the features the head would see, [T, N, F])."""
     tasks = x.shape[0]
     if isinstance(model, MLP):
         h = x.flatten(2)
         linears = [(name, m) for name, m in model.body.named_children() if isinstance(m, nn.Linear)]
         for name, _ in linears:
             h = torch.relu(_linear(h, params[f"body.{name}.weight"], params[f"body.{name}.bias"]))
-        return _linear(h, params["head.weight"], params["head.bias"])
+        return h if features_only else _linear(h, params["head.weight"], params["head.bias"])
     if isinstance(model, Conv4):
         n = x.shape[1]
         h = x.transpose(0, 1).reshape(n, -1, *x.shape[3:])  # [N, T*C, H, W]
@@ -86,5 +87,6 @@ def batched_forward(model: nn.Module, params: Params, x: Tensor, step: int = 0) 
                 raise TypeError(f"batched_forward: unsupported layer {type(layer).__name__}")
         h = h.view(n, tasks, -1, *h.shape[2:])  # [N, T, C, H, W]
         h = h.mean(dim=(-2, -1)) if model.pool == "mean" else h.flatten(2)  # [N, T, F]
-        return _linear(h.transpose(0, 1), params["head.weight"], params["head.bias"])
+        h = h.transpose(0, 1)
+        return h if features_only else _linear(h, params["head.weight"], params["head.bias"])
     raise TypeError(f"batched_forward does not support {type(model).__name__}")

@@ -142,7 +142,7 @@ def gradient_agreement(w: Workload, model: torch.nn.Module, algo: MAML, tasks: T
     reference_step(model64, w.objective(), tasks64, w.inner_steps, w.inner_lr, w.first_order)
     g_ref = _grads(model64).clone()
     model64.zero_grad()
-    ours_step(algo, FunctionalModel(model64, w.objective()), tasks64)
+    ours_step(algo, FunctionalModel(model64), tasks64)
     g_ours = _grads(model64)
     return float((g_ours - g_ref).norm() / g_ref.norm().clamp_min(1e-300))
 
@@ -154,7 +154,7 @@ def run_workload(w: Workload, strategy: str, repeats: int, warmup: int, device: 
     torch.manual_seed(seed)
     model = w.model().to(device)
     objective = w.objective()
-    fmodel = FunctionalModel(model, objective)
+    fmodel = FunctionalModel(model)
     tasks = w.tasks(seed, device)
     algos = [
         MAML(inner_lr=w.inner_lr, inner_steps=w.inner_steps, eval_inner_steps=1, outer_lr=1e-3,
@@ -178,13 +178,13 @@ def run_workload(w: Workload, strategy: str, repeats: int, warmup: int, device: 
     ref_ms = statistics.median(times[0])
     rows = []
     for algo, error, ours in zip(algos, errors, times[1:]):
-        how = algo.execution(fmodel, tasks)
+        chosen = algo.execution.describe(fmodel, tasks)
         rows.append({
             "workload": w.name,
             "description": w.description,
             "strategy": strategy,
-            "resolved": how,
-            "task_chunk": algo.chunk(fmodel, tasks, how),
+            "resolved": chosen["strategy"],
+            "task_chunk": chosen["task_chunk"],
             "reference_ms": ref_ms,
             "ours_ms": statistics.median(ours),
             "speedup": ref_ms / statistics.median(ours),
@@ -219,7 +219,7 @@ def _measure_memory(name: str, impl: str, strategy: str, device: str, steps: int
     torch.manual_seed(0)
     model = w.model().to(dev)
     objective = w.objective()
-    fmodel = FunctionalModel(model, objective)
+    fmodel = FunctionalModel(model)
     algo = MAML(inner_lr=w.inner_lr, inner_steps=w.inner_steps, eval_inner_steps=1, outer_lr=1e-3,
                 first_order=w.first_order, vectorize=strategy, task_chunk=task_chunk)
     tasks = w.tasks(0, dev)
@@ -378,7 +378,7 @@ def sampling_share(root: str, ways: int = 5, shots: int = 1, queries: int = 5, m
     torch.manual_seed(0)
     model = Conv4((1, 28, 28), ways)
     algo = MAML(inner_lr=0.4, inner_steps=1, eval_inner_steps=1, outer_lr=1e-3)
-    fmodel = FunctionalModel(model, CLASSIFICATION)
+    fmodel = FunctionalModel(model)
     times = []
     for _ in range(5):
         model.zero_grad(set_to_none=True)

@@ -12,12 +12,13 @@ import torch
 from pytorch_lightning.plugins.precision import Precision
 from torch import nn
 
-from metalearn_cli.algorithms.base import Algorithm, FunctionalModel
+from metalearn_cli.algorithms.base import Algorithm
+from metalearn_cli.functional import FunctionalModel
 from metalearn_cli.distributed import all_reduce_mean_, gather_rows
 from metalearn_cli.errors import MetalearnError
 from metalearn_cli.run_folder import CHECKPOINT_KEY
 from metalearn_cli.stats import summarize
-from metalearn_cli.tasks import Objective, TaskBatch
+from metalearn_cli.tasks import Objective, Tasks
 
 
 class NonFiniteLoss(MetalearnError):
@@ -38,7 +39,7 @@ class MetaLearner(pl.LightningModule):
         self.extras = nn.ModuleDict(extras or {})  # e.g. the pre-training head of Baseline/Baseline++
         self.algorithm = algorithm
         self.objective = objective
-        self.fmodel = FunctionalModel(self.model, objective)
+        self.fmodel = FunctionalModel(self.model)
         self.metadata = metadata
         self.automatic_optimization = False  # Reptile's update is not a loss; MAML's is one backward
         self._scores: dict[str, list[torch.Tensor]] = {"val": [], "test": []}
@@ -54,7 +55,7 @@ class MetaLearner(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         return self.algorithm.configure_optimizers(self.parameters(), self.trainer.max_steps)
 
-    def training_step(self, batches: list[TaskBatch], batch_idx: int) -> None:
+    def training_step(self, batches: list[Tasks], batch_idx: int) -> None:
         """Runs the meta-iterations of one Lightning step (see `iterations_per_batch`): Lightning's
         loop costs ~0.5 ms per step, which a sinusoid meta-iteration of ~2 ms should not pay alone."""
         done = 0
@@ -67,7 +68,7 @@ class MetaLearner(pl.LightningModule):
             # Lightning numbers logged points by its count of stepped batches: keep it at meta-iterations
             self.trainer.fit_loop.epoch_loop._batches_that_stepped += done - 1
 
-    def _meta_iteration(self, batch: TaskBatch) -> None:
+    def _meta_iteration(self, batch: Tasks) -> None:
         optimizer = self.optimizers()
         step = self.algorithm.meta_step(self.fmodel, batch, iteration=self.global_step)
         optimizer.zero_grad(set_to_none=True)
@@ -83,7 +84,7 @@ class MetaLearner(pl.LightningModule):
             self._check_finite(step.metrics["loss"])
         all_reduce_mean_(p.grad for p in self.parameters())  # ranks hold equal shares of the meta-batch
         optimizer.step()  # Lightning counts this call as one global step
-        self.fmodel.record_statistics(batch, self.algorithm.inner_steps, self.algorithm.inner_lr, self.algorithm.inner_keys(self.fmodel))
+        self.algorithm.record_statistics(self.fmodel, batch)
         all_reduce_mean_(self.model.buffers())
         all_reduce_mean_(b for b in self.extras.buffers() if b.is_floating_point())  # Reptile's carried Adam moments
         scheduler = self.lr_schedulers()
@@ -100,9 +101,9 @@ class MetaLearner(pl.LightningModule):
             self.log_dict(values, prog_bar=True, batch_size=batch.num_tasks)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        if isinstance(batch, TaskBatch):  # a direct move: Lightning's generic one deep-copies the dataclass
+        if isinstance(batch, Tasks):  # a direct move: Lightning's generic one deep-copies the dataclass
             return batch.to(device)
-        if isinstance(batch, list) and all(isinstance(b, TaskBatch) for b in batch):
+        if isinstance(batch, list) and all(isinstance(b, Tasks) for b in batch):
             return [b.to(device) for b in batch]
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
@@ -116,7 +117,7 @@ class MetaLearner(pl.LightningModule):
             )
 
     # -- evaluation -------------------------------------------------------------------------
-    def _eval_step(self, split: str, batch: TaskBatch) -> None:
+    def _eval_step(self, split: str, batch: Tasks) -> None:
         self._scores[split].append(self.algorithm.evaluate(self.fmodel, batch))
 
     def _eval_end(self, split: str) -> dict:
@@ -138,13 +139,13 @@ class MetaLearner(pl.LightningModule):
         )
         return summary
 
-    def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
+    def validation_step(self, batch: Tasks, batch_idx: int) -> None:
         self._eval_step("val", batch)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_end("val")
 
-    def test_step(self, batch: TaskBatch, batch_idx: int) -> None:
+    def test_step(self, batch: Tasks, batch_idx: int) -> None:
         self._eval_step("test", batch)
 
     def on_test_epoch_end(self) -> None:

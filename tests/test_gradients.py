@@ -41,7 +41,7 @@ def setup():
 def meta_gradient(model, tasks, **kwargs) -> torch.Tensor:
     algo = MAML(inner_lr=INNER_LR, eval_inner_steps=1, outer_lr=1e-3, **kwargs)
     model.zero_grad()
-    algo.meta_step(FunctionalModel(model, REGRESSION), tasks).loss.backward()
+    algo.meta_step(FunctionalModel(model), tasks).loss.backward()
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
@@ -110,7 +110,7 @@ def test_fomaml_drops_exactly_the_second_order_term(setup, vectorize):
 def test_maml_does_not_modify_the_model(setup):
     model, tasks, *_ = setup
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    MAML(inner_lr=INNER_LR, inner_steps=3, eval_inner_steps=1, outer_lr=1e-3).meta_step(FunctionalModel(model, REGRESSION), tasks)
+    MAML(inner_lr=INNER_LR, inner_steps=3, eval_inner_steps=1, outer_lr=1e-3).meta_step(FunctionalModel(model), tasks)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
 
@@ -145,7 +145,7 @@ def test_one_reptile_step_equals_the_formula(setup, inner, reference, vectorize,
         inner_optimizer=inner, vectorize=vectorize, task_chunk=task_chunk,
     )
     config = algo.configure_optimizers(model.parameters(), max_steps=100)
-    step = algo.meta_step(FunctionalModel(model, REGRESSION), tasks)
+    step = algo.meta_step(FunctionalModel(model), tasks)
     for name, p in model.named_parameters():
         p.grad = step.direction[name]
     config["optimizer"].step()
@@ -179,7 +179,7 @@ def test_reptile_carried_adam_state_matches_torch_adam(setup, vectorize, task_ch
     algo = Reptile(inner_lr=lr, inner_steps=steps, eval_inner_steps=2, eval_inner_lr=lr, outer_lr=1.0,
                    inner_optimizer="adam", eval_inner_optimizer="adam", inner_state="carry",
                    vectorize=vectorize, task_chunk=task_chunk)
-    fmodel = FunctionalModel(model, REGRESSION)
+    fmodel = FunctionalModel(model)
     state, w0 = None, theta.clone()
     for _ in range(2):
         step = algo.meta_step(fmodel, tasks)
@@ -268,7 +268,7 @@ def test_maml_first_order_steps_then_the_exact_gradient(setup, vectorize):
 
     def gradient(algo, iteration):
         model.zero_grad()
-        algo.meta_step(FunctionalModel(model, REGRESSION), tasks, iteration=iteration).loss.backward()
+        algo.meta_step(FunctionalModel(model), tasks, iteration=iteration).loss.backward()
         return torch.cat([p.grad.flatten() for p in model.parameters()])
 
     kwargs = dict(inner_lr=INNER_LR, inner_steps=2, eval_inner_steps=1, outer_lr=1e-3, vectorize=vectorize)
@@ -296,7 +296,7 @@ def test_evaluation_scores_match_manual_sgd(setup, vectorize, task_chunk):
     model, tasks, theta, unflatten, loss = setup
     algo = MAML(inner_lr=INNER_LR, inner_steps=1, eval_inner_steps=3, outer_lr=1e-3, vectorize=vectorize, task_chunk=task_chunk)
     with torch.no_grad():  # as in Lightning's validation loop: adaptation must still work
-        scores = algo.evaluate(FunctionalModel(model, REGRESSION), tasks)
+        scores = algo.evaluate(FunctionalModel(model), tasks)
     assert scores.shape == (tasks.num_tasks, 4)
     for i in range(tasks.num_tasks):
         xs, ys, xq, yq = (t[i] for t in tasks.tensors())
@@ -319,7 +319,7 @@ def test_reptile_evaluation_on_minibatches_matches_manual_sgd(setup, vectorize, 
     tasks.task_seeds = torch.tensor([11, 12, 13])
     algo = Reptile(inner_lr=0.1, inner_steps=1, eval_inner_steps=4, eval_inner_lr=INNER_LR, outer_lr=1.0,
                    eval_inner_batch_size=2, vectorize=vectorize, task_chunk=task_chunk)
-    fmodel = FunctionalModel(model, REGRESSION)
+    fmodel = FunctionalModel(model)
     with torch.no_grad():
         scores = algo.evaluate(fmodel, tasks)
     for i in range(tasks.num_tasks):
@@ -350,16 +350,16 @@ def test_models_unknown_to_the_batched_path_use_vmap_or_the_functional_loop(setu
     _, tasks, *_ = setup
     torch.manual_seed(1)
     net = torch.nn.Sequential(torch.nn.Linear(1, 7), torch.nn.Tanh(), torch.nn.Linear(7, 1)).double()
-    fmodel = FunctionalModel(net, REGRESSION)
+    fmodel = FunctionalModel(net)
     grads = []
     for how in ("auto", "vmap", "loop"):
         algo = MAML(inner_lr=INNER_LR, inner_steps=2, eval_inner_steps=1, outer_lr=1e-3, vectorize=how)
         if how == "auto":
-            assert algo.execution(fmodel, tasks) == "vmap"
+            assert algo.execution.strategy(net, tasks) == "vmap"
         net.zero_grad()
         algo.meta_step(fmodel, tasks).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
     torch.testing.assert_close(grads[0], grads[2])
     torch.testing.assert_close(grads[1], grads[2])
     with pytest.raises(ValueError, match="batched"):
-        MAML(inner_lr=0.1, inner_steps=1, eval_inner_steps=1, outer_lr=1e-3, vectorize="batched").execution(fmodel, tasks)
+        MAML(inner_lr=0.1, inner_steps=1, eval_inner_steps=1, outer_lr=1e-3, vectorize="batched").execution.strategy(net, tasks)

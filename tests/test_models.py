@@ -6,11 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metalearn_cli.algorithms import MAML, Finetune, FunctionalModel, Reptile, base
+from metalearn_cli import execution
+from metalearn_cli.algorithms import MAML, Finetune, FunctionalModel, Reptile
 from metalearn_cli.data.images import ImageClasses, ImageTasks
 from metalearn_cli.models import Conv4, MetaBatchNorm2d
 from metalearn_cli.samplers import EpisodicSampler
-from metalearn_cli.tasks import CLASSIFICATION, TaskBatch, _task_cross_entropy
+from metalearn_cli.tasks import CLASSIFICATION, TaskBatch
+from metalearn_cli.tasks.objectives import _task_cross_entropy
 
 
 def test_conv4_shapes_match_the_papers():
@@ -70,7 +72,7 @@ def test_maml_on_conv4_matches_the_textbook_loop(vectorize, task_chunk, first_or
     algo = MAML(inner_lr=0.3, inner_steps=2, eval_inner_steps=1, outer_lr=1e-3, first_order=first_order,
                 vectorize=vectorize, task_chunk=task_chunk)
     model.zero_grad()
-    algo.meta_step(FunctionalModel(model, CLASSIFICATION), tasks).loss.backward()
+    algo.meta_step(FunctionalModel(model), tasks).loss.backward()
     for p, r in zip(model.parameters(), reference):
         torch.testing.assert_close(p.grad, r)
 
@@ -94,7 +96,7 @@ def test_maml_adapting_part_of_the_network_matches_the_textbook_loop(vectorize, 
     names = set(dict(model.named_parameters()))
     norms, head = _norm_and_head_names(model)
     adapted = names - norms if inner_params == "no_bn" else head
-    fmodel = FunctionalModel(model, CLASSIFICATION)
+    fmodel = FunctionalModel(model)
     assert set(fmodel.inner_keys(inner_params)) == adapted and set(fmodel.inner_keys("all")) == names
     reference = _reference_maml_gradient(model, tasks, 0.3, 2, first_order, adapted)
     everything = _reference_maml_gradient(model, tasks, 0.3, 2, first_order)
@@ -121,7 +123,7 @@ def test_evaluation_adapts_the_same_parameters_as_training(vectorize, inner_para
     for which in (inner_params, "all"):
         algo = MAML(inner_lr=0.3, inner_steps=1, eval_inner_steps=3, outer_lr=1e-3, vectorize=vectorize, inner_params=which)
         with torch.no_grad():
-            scores[which] = algo.evaluate(FunctionalModel(model, query_loss), tasks)
+            scores[which] = algo.evaluate(FunctionalModel(model), dataclasses.replace(tasks, objective=query_loss))
     assert (scores[inner_params][:, 1:] - scores["all"][:, 1:]).abs().min() > 1e-6
     for i in range(tasks.num_tasks):
         xs, ys, xq, yq = (t[i] for t in tasks.tensors())
@@ -139,7 +141,7 @@ def test_evaluation_adapts_the_same_parameters_as_training(vectorize, inner_para
 def test_inner_params_head_needs_a_head_and_unknown_choices_are_refused():
     net = torch.nn.Sequential(torch.nn.Linear(1, 3))
     with pytest.raises(ValueError, match="head"):
-        FunctionalModel(net, CLASSIFICATION).inner_keys("head")
+        FunctionalModel(net).inner_keys("head")
     with pytest.raises(ValueError, match="allowed: all, no_bn, head"):
         MAML(inner_lr=0.3, inner_steps=1, eval_inner_steps=1, outer_lr=1e-3, inner_params="bn")
 
@@ -148,27 +150,28 @@ def test_auto_task_chunk_is_eight_conv_tasks_on_the_cpu_and_the_whole_batch_else
     """`algo.task_chunk=auto`: the measured rule (BENCHMARKS.md): 8 conv tasks per pass on the CPU,
     the whole meta-batch on an accelerator (tensors on the meta device stand in for a GPU here)."""
     _, tasks = _tiny_tasks(num_tasks=12)
-    fmodel = FunctionalModel(Conv4((1, 8, 8), 3, channels=4), CLASSIFICATION)
+    net = Conv4((1, 8, 8), 3, channels=4)
     algo = MAML(inner_lr=0.3, inner_steps=1, eval_inner_steps=1, outer_lr=1e-3)
-    assert algo.chunk(fmodel, tasks, "batched") == 8
-    assert algo.chunk(fmodel, tasks.to("meta"), "batched") == 12
-    assert algo.chunk(fmodel, tasks.to("meta"), "loop") == 1
+    assert algo.execution.chunk(net, tasks, "batched") == 8
+    assert algo.execution.chunk(net, tasks.to("meta"), "batched") == 12
+    assert algo.execution.chunk(net, tasks.to("meta"), "loop") == 1
     fixed = MAML(inner_lr=0.3, inner_steps=1, eval_inner_steps=1, outer_lr=1e-3, task_chunk=5)
-    assert fixed.chunk(fmodel, tasks.to("meta"), "batched") == 5
+    assert fixed.execution.chunk(net, tasks.to("meta"), "batched") == 5
 
 
 def test_auto_execution_counts_the_examples_an_inner_step_sees(monkeypatch):
     """`algo.vectorize=auto` on conv4: the per-task loop for large support sets, but Reptile's inner
     steps see mini-batches of `inner_batch_size`, which run batched (BENCHMARKS.md: Omniglot, 50
     support examples in batches of 10, 72 ms batched against 117 ms in the loop)."""
-    monkeypatch.setattr(base, "AUTO_BATCHED_MAX_SUPPORT", 10)  # the tiny images allow 12 support examples, not 21
+    monkeypatch.setattr(execution, "AUTO_BATCHED_MAX_SUPPORT", 10)  # the tiny images allow 12 support examples, not 21
     _, tasks = _tiny_tasks(shots=4)  # 3 ways x 4 shots = 12 support examples
-    fmodel = FunctionalModel(Conv4((1, 8, 8), 3, channels=4).double(), CLASSIFICATION)
-    assert MAML(inner_lr=0.3, inner_steps=1, eval_inner_steps=1, outer_lr=1e-3).execution(fmodel, tasks) == "loop"
+    fmodel = FunctionalModel(Conv4((1, 8, 8), 3, channels=4).double())
+    assert MAML(inner_lr=0.3, inner_steps=1, eval_inner_steps=1, outer_lr=1e-3).execution.strategy(fmodel.module, tasks) == "loop"
     seen = []
     for batch_size, expected in ((5, "batched"), (None, "loop")):
         algo = Reptile(inner_lr=0.01, inner_steps=2, eval_inner_steps=1, outer_lr=1.0, inner_batch_size=batch_size)
-        algo.execution = lambda *a, _f=algo.execution, **k: seen.append(_f(*a, **k)) or seen[-1]
+        chosen = algo.execution.strategy
+        algo.execution.strategy = lambda *a, _f=chosen, **k: seen.append(_f(*a, **k)) or seen[-1]
         algo.meta_step(fmodel, tasks)
         assert seen[-1] == expected
         assert algo.evaluate(fmodel, tasks).shape[0] == tasks.num_tasks and seen[-1] == "loop"  # evaluation: the whole support set
@@ -187,12 +190,12 @@ def test_transductive_batch_norm_mixes_query_examples_and_frozen_does_not():
 def test_running_statistics_are_recorded_outside_the_inner_loop_only():
     _, tasks = _tiny_tasks()
     model = Conv4((1, 8, 8), 3, channels=4, bn="per_step", bn_steps=3).double()
-    fmodel = FunctionalModel(model, CLASSIFICATION)
+    fmodel = FunctionalModel(model)
     layer = next(m for m in model.modules() if isinstance(m, MetaBatchNorm2d))
     before = layer.running_mean.clone()
     MAML(inner_lr=0.3, inner_steps=2, eval_inner_steps=1, outer_lr=1e-3).meta_step(fmodel, tasks).loss.backward()
     assert torch.equal(layer.running_mean, before), "the meta-step must not touch buffers"
-    fmodel.record_statistics(tasks, inner_steps=2, inner_lr=0.3)
+    MAML(inner_lr=0.3, inner_steps=2, eval_inner_steps=1, outer_lr=1e-3).record_statistics(fmodel, tasks)
     assert not torch.allclose(layer.running_mean[0], before[0])
     assert not torch.allclose(layer.running_mean[1], layer.running_mean[0])  # one set per step
     assert torch.equal(layer.running_mean[3], layer.running_mean[2])  # unseen steps reuse the last
@@ -212,7 +215,7 @@ def test_baseline_pretrains_on_global_classes_and_adapts_a_new_head(head):
     extras = algo.extra_modules(model, source, None)
     extras["classifier"].double()
     assert extras["classifier"].weight.shape[0] == 8  # one output per training class
-    fmodel = FunctionalModel(model, CLASSIFICATION)
+    fmodel = FunctionalModel(model)
     step = algo.meta_step(fmodel, tasks)
     step.loss.backward()
     assert extras["classifier"].weight.grad is not None and model.features[0].weight.grad is not None
@@ -229,7 +232,7 @@ def test_reptile_runs_on_conv4_with_minibatches():
     _, tasks = _tiny_tasks(shots=4)
     model = Conv4((1, 8, 8), 3, channels=4).double()
     algo = Reptile(inner_lr=0.01, inner_steps=3, eval_inner_steps=2, outer_lr=1.0, inner_optimizer="adam", inner_batch_size=5)
-    step = algo.meta_step(FunctionalModel(model, CLASSIFICATION), tasks)
+    step = algo.meta_step(FunctionalModel(model), tasks)
     assert set(step.direction) == {k for k, _ in model.named_parameters()}
     assert all(torch.isfinite(d).all() for d in step.direction.values())
 
@@ -242,7 +245,7 @@ def test_baseline_with_whole_network_finetuning_changes_the_backbone_per_task():
     whole = Finetune(**kwargs, finetune_backbone=True, vectorize="loop")
     for algo in (frozen, whole):
         algo.extra_modules(model, source, None)
-    fmodel = FunctionalModel(model, CLASSIFICATION)
+    fmodel = FunctionalModel(model)
     a, b = frozen.evaluate(fmodel, tasks), whole.evaluate(fmodel, tasks)
     assert torch.equal(a[:, 0], b[:, 0]) and not torch.equal(a, b)
     whole.vectorize = "vmap"

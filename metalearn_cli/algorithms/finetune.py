@@ -20,12 +20,14 @@ from typing import Iterable
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from metalearn_cli.algorithms.base import Algorithm, FunctionalModel, MetaStep, over_tasks
+from metalearn_cli.algorithms.base import Algorithm, MetaStep
 from metalearn_cli.algorithms.inner_optim import InnerSGD
+from metalearn_cli.batched import expand
+from metalearn_cli.functional import FunctionalModel, TaskModel
 from metalearn_cli.models import CosineClassifier, cosine_logits
-from metalearn_cli.tasks import TaskBatch
+from metalearn_cli.tasks import TaskBatch, Tasks
 
 HEADS = ("linear", "cosine")
 
@@ -72,8 +74,9 @@ class Finetune(Algorithm):
         return {"optimizer": torch.optim.Adam(parameters, lr=self.outer_lr)}
 
     # -- pre-training ----------------------------------------------------------------------
-    def meta_step(self, fmodel: FunctionalModel, tasks: TaskBatch, iteration: int = 0) -> MetaStep:
-        objective = fmodel.objective
+    def meta_step(self, fmodel: FunctionalModel, tasks: Tasks, iteration: int = 0) -> MetaStep:
+        tasks = supervised(tasks, self.name)
+        objective = tasks.objective
         inputs = torch.cat([tasks.support_x.flatten(0, 1), tasks.query_x.flatten(0, 1)])
         if self.classifier is None:  # regression: the model itself on pooled points
             targets = torch.cat([tasks.support_y.flatten(0, 1), tasks.query_y.flatten(0, 1)])
@@ -93,52 +96,67 @@ class Finetune(Algorithm):
         return {**super().eval_protocol(), "head": self.head, "finetune_backbone": self.finetune_backbone,
                 "eval_momentum": self.eval_momentum, "eval_weight_decay": self.eval_weight_decay}
 
-    def evaluate(self, fmodel: FunctionalModel, tasks: TaskBatch, steps: int | None = None) -> Tensor:
+    def evaluate(self, fmodel: FunctionalModel, tasks: Tasks, steps: int | None = None) -> Tensor:
         if self.classifier is None:
             return super().evaluate(fmodel, tasks, steps)
+        tasks = supervised(tasks, self.name)
         steps = self.eval_inner_steps if steps is None else steps
         ways = int(tasks.support_y.max()) + 1
         theta = {k: v.detach() for k, v in fmodel.params().items()}
         features = fmodel.module.head.in_features
         scale = cosine_scale(ways)
         optimizer = InnerSGD(self.eval_inner_lr, self.eval_momentum, self.eval_weight_decay)
-        metric, loss_fn = fmodel.objective.metric, fmodel.objective.loss
+        objective = tasks.objective
         # the new head starts at zero (linear) or, for cosine, at small seeded random weights
         generator = torch.Generator().manual_seed(tasks.seed)
         init = torch.randn(tasks.num_tasks, ways, features, generator=generator).to(tasks.support_x) * 0.01
 
-        def logits(head: dict, feats: Tensor) -> Tensor:
+        def logits(head: dict, feats: Tensor) -> Tensor:  # feats [T, n, F] -> [T, n, ways]
             if self.head == "cosine":
                 return cosine_logits(feats, head["weight"], scale)
-            return feats @ head["weight"].T + head["bias"]
+            return feats @ head["weight"].transpose(-1, -2) + head["bias"].unsqueeze(1)
 
-        def score(support_x, support_y, query_x, query_y, weight0):
-            head = {"weight": weight0 if self.head == "cosine" else torch.zeros_like(weight0),
-                    "bias": torch.zeros_like(weight0[:, 0])}
-            images = {"support": support_x, "query": query_x}
+        def scores(model: TaskModel, part: TaskBatch, weight0: Tensor) -> Tensor:
+            if self.head == "cosine":  # scale * cos(feature, weight): no bias
+                head = {"weight": weight0}
+            else:
+                head = {"weight": torch.zeros_like(weight0), "bias": torch.zeros_like(weight0[..., 0])}
             if self.finetune_backbone:  # adapt backbone and head together
-                params = {"head": head, "backbone": theta}
+                params = {"head": head, "backbone": expand(theta, part.num_tasks)}
 
-                def forward(p: dict, part: str) -> Tensor:
-                    state = (p["backbone"], dict(fmodel.module.named_buffers()))
-                    feats = functional_call(fmodel.module, state, (images[part],), {"features_only": True})
-                    return logits(p["head"], feats)
+                def forward(p: dict, which: str) -> Tensor:
+                    return logits(p["head"], part.features(model, p["backbone"], which))
             else:  # the paper's protocol: features of the frozen backbone, computed once
-                feats = {part: fmodel.module(x, features_only=True) for part, x in images.items()}
+                with torch.no_grad():
+                    feats = {which: part.features(model, expand(theta, part.num_tasks), which) for which in ("support", "query")}
                 params = {"head": head}
 
-                def forward(p: dict, part: str) -> Tensor:
-                    return logits(p["head"], feats[part])
+                def forward(p: dict, which: str) -> Tensor:
+                    return logits(p["head"], feats[which])
+
+            def metric(p: dict) -> Tensor:
+                with torch.no_grad():
+                    return objective.task_metric(forward(p, "query"), part.query_y)
 
             state = optimizer.init(params)
-            scores = [metric(forward(params, "query"), query_y)]
+            out = [metric(params)]
             for _ in range(steps):
-                grads = grad(lambda p: loss_fn(forward(p, "support"), support_y))(params)
-                params, state = optimizer.step(params, grads, state)
-                scores.append(metric(forward(params, "query"), query_y))
-            return torch.stack(scores)
+                leaves = tree_map(lambda t: t.detach().requires_grad_(True), params)
+                with torch.enable_grad():
+                    losses = objective.task_loss(forward(leaves, "support"), part.support_y)
+                    flat, spec = tree_flatten(leaves)
+                    # the model's own head is not used by the features: its gradient is zero
+                    grads = tree_unflatten(list(torch.autograd.grad(losses.sum(), flat, allow_unused=True, materialize_grads=True)), spec)
+                with torch.no_grad():
+                    params, state = optimizer.step(tree_map(Tensor.detach, leaves), grads, state)
+                out.append(metric(params))
+            return torch.stack(out, dim=1)
 
-        how = self.execution(fmodel, tasks)
-        how = "vmap" if how == "batched" else how  # a new head per task: not a batched_forward network
-        with torch.enable_grad():
-            return over_tasks(score, how, *tasks.tensors(), init).detach()
+        return self.execution.run(scores, fmodel, tasks, init).detach()
+
+
+def supervised(tasks: Tasks, algorithm: str) -> TaskBatch:
+    """Pre-training and a new classifier head need labelled examples."""
+    if not isinstance(tasks, TaskBatch):
+        raise TypeError(f"algo={algorithm} trains on labelled examples; {type(tasks).__name__} tasks have none")
+    return tasks

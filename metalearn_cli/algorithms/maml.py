@@ -32,12 +32,13 @@ from typing import Iterable
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad
 
-from metalearn_cli.algorithms.base import Algorithm, FunctionalModel, MetaStep, Params, annealed, over_task_slices, over_tasks
-from metalearn_cli.batched import batched_forward, expand, supports
-from metalearn_cli.config_checks import INNER_PARAMS, OUTER_LR_SCHEDULES
-from metalearn_cli.tasks import TaskBatch
+from metalearn_cli.algorithms.base import Algorithm, MetaStep, adapt, annealed
+from metalearn_cli.functional import INNER_PARAMS, FunctionalModel, TaskModel
+from metalearn_cli.tasks.base import Params, Tasks
+
+#: algo.outer_lr_schedule: the meta learning rate over the run
+OUTER_LR_SCHEDULES = ("constant", "cosine")
 
 
 class MAML(Algorithm):
@@ -82,51 +83,15 @@ class MAML(Algorithm):
         """Whether meta-iteration `iteration` (0-based) drops the second-order term."""
         return self.first_order or iteration < self.first_order_steps
 
-    def adapt(self, fmodel: FunctionalModel, params: Params, x: Tensor, y: Tensor, steps: int, first_order: bool = False) -> Params:
-        """The inner loop: `steps` SGD steps on (x, y), differentiable w.r.t. `params` (through the
-        inner gradients too unless `first_order`). Only the parameters in `inner_keys` move."""
-        keys = self.inner_keys(fmodel) or list(params)
-        for step in range(steps):
-            current = params
-            grads = grad(lambda adapted: fmodel.loss({**current, **adapted}, x, y, step))({k: params[k] for k in keys})
-            if first_order:
-                grads = {k: g.detach() for k, g in grads.items()}
-            params = {**params, **{k: params[k] - self.inner_lr * grads[k] for k in keys}}
-        return params
-
-    def adapt_batched(self, fmodel: FunctionalModel, params: Params, x: Tensor, y: Tensor, steps: int, first_order: bool = False) -> Params:
-        """The same inner loop for all tasks at once: params[name] is [T, ...], x is [T, N, ...]."""
-        keys = self.inner_keys(fmodel) or list(params)
-        for step in range(steps):
-            losses = fmodel.objective.task_loss(batched_forward(fmodel.module, params, x, step), y)
-            grads = torch.autograd.grad(losses.sum(), [params[k] for k in keys], create_graph=not first_order)
-            params = {**params, **{k: params[k] - self.inner_lr * g for k, g in zip(keys, grads)}}
-        return params
-
-    def meta_step(self, fmodel: FunctionalModel, tasks: TaskBatch, iteration: int = 0) -> MetaStep:
-        params = fmodel.params()
+    def meta_step(self, fmodel: FunctionalModel, tasks: Tasks, iteration: int = 0) -> MetaStep:
+        theta = fmodel.params()
         first_order = self.is_first_order(iteration)
-        objective = fmodel.objective
-        how = self.execution(fmodel, tasks)
-        if how in ("batched", "loop") and supports(fmodel.module):
-
-            def query_losses(part: TaskBatch) -> tuple[Tensor, Tensor]:
-                adapted = self.adapt_batched(fmodel, expand(params, part.num_tasks), part.support_x, part.support_y, self.inner_steps, first_order)
-                prediction = batched_forward(fmodel.module, adapted, part.query_x, self.inner_steps)
-                return objective.task_loss(prediction, part.query_y), objective.task_metric(prediction, part.query_y)
-
-            losses, metrics = over_task_slices(query_losses, tasks, self.chunk(fmodel, tasks, how))
-            loss = losses.mean()
-            return MetaStep(loss=loss, metrics={"loss": loss.detach(), objective.metric_name: metrics.detach().mean()})
-
-        def query_loss(support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor):
-            adapted = self.adapt(fmodel, params, support_x, support_y, self.inner_steps, first_order)
-            prediction = fmodel(adapted, query_x, self.inner_steps)
-            return objective.loss(prediction, query_y), objective.metric(prediction, query_y)
-
-        losses, metrics = over_tasks(query_loss, how, *tasks.tensors())
+        losses, metrics = self.execution.run(lambda model, part: self.query_scores(model, theta, part, first_order, iteration), fmodel, tasks)
         loss = losses.mean()
-        return MetaStep(
-            loss=loss,
-            metrics={"loss": loss.detach(), objective.metric_name: metrics.detach().mean()},
-        )
+        return MetaStep(loss=loss, metrics={"loss": loss.detach(), tasks.objective.metric_name: metrics.detach().mean()})
+
+    def query_scores(self, model: TaskModel, theta: Params, tasks: Tasks, first_order: bool, iteration: int) -> tuple[Tensor, Tensor]:
+        """[T] query losses after the inner loop (the meta-objective) and [T] query metrics."""
+        adapted, _ = adapt(model, theta, tasks, self.inner_steps, self.inner_update(), self.inner_keys(model.fmodel),
+                           differentiable=True, first_order=first_order)
+        return tasks.query_scores(model, adapted, self.inner_steps)

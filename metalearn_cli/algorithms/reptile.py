@@ -29,12 +29,11 @@ from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad
 
-from metalearn_cli.algorithms.base import Algorithm, FunctionalModel, MetaStep, adapt_detached, annealed, over_task_slices, over_tasks
+from metalearn_cli.algorithms.base import Algorithm, MetaStep, adapt, annealed
 from metalearn_cli.algorithms.inner_optim import make_inner_optimizer
-from metalearn_cli.batched import batched_forward, supports
-from metalearn_cli.tasks import TaskBatch
+from metalearn_cli.functional import FunctionalModel, TaskModel
+from metalearn_cli.tasks.base import Tasks
 
 #: algo.inner_state: where each task's inner Adam starts (see the module docstring)
 INNER_STATES = ("reset", "carry")
@@ -135,53 +134,48 @@ class Reptile(Algorithm):
                 protocol["eval_adam_carried_steps"] = int(self.carried.t)
         return protocol
 
-    def _batch_indices(self, tasks: TaskBatch) -> Tensor:
+    def _batch_indices(self, tasks: Tasks) -> Tensor:
         """[T, inner_steps, b] indices into each task's support set for meta-training, drawn from the
         batch's seed."""
-        num_tasks, support = tasks.support_x.shape[:2]
+        num_tasks, support = tasks.num_tasks, tasks.support_size
         b = self.inner_batch_size
         if b is None or b >= support:
             return torch.arange(support).expand(num_tasks, self.inner_steps, support)
         return mini_batches(num_tasks, support, self.inner_steps, b, torch.Generator().manual_seed(tasks.seed))
 
-    def eval_support_indices(self, tasks: TaskBatch, steps: int) -> Tensor | None:
+    def eval_support_indices(self, tasks: Tasks, steps: int) -> Tensor | None:
         """With `eval_inner_batch_size` smaller than the support set: [T, steps, b] indices, task t's drawn
-        from its own seed (`TaskBatch.task_seeds`), so a task gets the same mini-batches however the
+        from its own seed (`Tasks.task_seeds`), so a task gets the same mini-batches however the
         tasks are batched."""
-        support, b = tasks.support_x.shape[1], self.eval_inner_batch_size
+        support, b = tasks.support_size, self.eval_inner_batch_size
         if b is None or b >= support:
             return None
         if tasks.task_seeds is None:  # tasks built by hand (tests, bench): one generator for the batch
             return mini_batches(tasks.num_tasks, support, steps, b, torch.Generator().manual_seed(tasks.seed))
         return torch.cat([mini_batches(1, support, steps, b, torch.Generator().manual_seed(int(seed))) for seed in tasks.task_seeds])
 
-    def meta_step(self, fmodel: FunctionalModel, tasks: TaskBatch, iteration: int = 0) -> MetaStep:
+    def inner_update(self):
+        return make_inner_optimizer(self.inner_optimizer, self.inner_lr, self.inner_betas, start=None if self.carried is None else self.carried.state())
+
+    def meta_step(self, fmodel: FunctionalModel, tasks: Tasks, iteration: int = 0) -> MetaStep:
         """The update direction theta - mean_i theta~_i (does not touch the model's parameters; with
         `inner_state=carry` it advances the carried Adam state, as the reference's inner steps do)."""
         theta = {k: p.detach() for k, p in fmodel.params().items()}
         start = self._start(fmodel)
         optimizer = make_inner_optimizer(self.inner_optimizer, self.inner_lr, self.inner_betas, start=start)
-        indices = self._batch_indices(tasks).to(tasks.support_x.device)
+        indices = self._batch_indices(tasks).to(tasks.device)
 
-        def adapt(support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, index: Tensor):
-            params, state = theta, optimizer.init(theta)
-            for step in range(self.inner_steps):
-                x, y = support_x[index[step]], support_y[index[step]]
-                params, state = optimizer.step(params, grad(fmodel.loss)(params, x, y, step), state)
-            return params, fmodel.loss(params, query_x, query_y, self.inner_steps), _moments(state, start is not None)
+        def adapted(model: TaskModel, part: Tasks, index: Tensor):
+            params, state = adapt(model, theta, part, self.inner_steps, optimizer, batches=index)
+            with torch.no_grad():
+                query_losses = part.query_loss(model, params, self.inner_steps)
+            return params, query_losses, _moments(state, start is not None)
 
-        how = self.execution(fmodel, tasks, examples=indices.shape[-1])  # each step sees one mini-batch
-        with torch.enable_grad():
-            if how in ("batched", "loop") and supports(fmodel.module):  # the loop: the same code, one task at a time
-                adapted, query_losses, moments = over_task_slices(
-                    lambda part, index: self._adapt_batched(fmodel, theta, optimizer, part, index, start is not None),
-                    tasks, self.chunk(fmodel, tasks, how), indices,
-                )
-            else:
-                adapted, query_losses, moments = over_tasks(adapt, how, *tasks.tensors(), indices)
+        # each step sees one mini-batch: the execution's `auto` rule goes by its size
+        params, query_losses, moments = self.execution.run(adapted, fmodel, tasks, indices, examples=indices.shape[-1])
         if start is not None:
             self.carried.set(self._carry_over(start, moments, tasks.num_tasks))
-        direction = {k: theta[k] - adapted[k].mean(0) for k in theta}
+        direction = {k: theta[k] - params[k].mean(0) for k in theta}
         return MetaStep(direction=direction, metrics={"loss": query_losses.mean()})
 
     def _carry_over(self, start: dict, final: dict, num_tasks: int) -> dict:
@@ -198,18 +192,6 @@ class Reptile(Algorithm):
                     w = weights.to(new.device, new.dtype).view(-1, *([1] * old.dim()))
                     out[moment][k] = beta ** (num_tasks * steps) * old + (w * new).sum(0)
         return out
-
-    def _adapt_batched(self, fmodel: FunctionalModel, theta, optimizer, tasks: TaskBatch, indices: Tensor, keep_moments: bool):
-        """The same inner loop for all tasks at once (see metalearn_cli.batched)."""
-        rows = torch.arange(tasks.num_tasks, device=indices.device).unsqueeze(1)
-        params, state = adapt_detached(
-            fmodel, theta, optimizer, tasks.num_tasks,
-            lambda step: (tasks.support_x[rows, indices[:, step]], tasks.support_y[rows, indices[:, step]]), self.inner_steps,
-        )
-        with torch.no_grad():
-            prediction = batched_forward(fmodel.module, params, tasks.query_x, self.inner_steps)
-            query_losses = fmodel.objective.task_loss(prediction, tasks.query_y)
-        return params, query_losses, _moments(state, keep_moments)
 
 
 def mini_batches(num_tasks: int, support: int, steps: int, size: int, generator: torch.Generator) -> Tensor:

@@ -112,13 +112,16 @@ class ImageTasks(TaskSource):
     def num_classes(self, split: str) -> int:
         return self.splits[split].num_classes
 
-    def check_task_shape(self, ways: int, shots_per_split: dict[str, int], queries: int) -> None:
-        """Fail early, naming the key, if a split cannot supply tasks of this shape."""
+    def check_task_shape(self, ways: int | dict[str, int], shots_per_split: dict[str, int], queries: int) -> None:
+        """Fail early, naming the key, if a split cannot supply tasks of this shape (`ways`: one number,
+        or one per split, where meta-training tasks have `sampler.train_ways` classes)."""
         for split, shots in shots_per_split.items():
             classes = self.splits[split]
-            if ways > classes.num_classes:
+            n = ways[split] if isinstance(ways, dict) else ways
+            if n > classes.num_classes:
+                key = "sampler.train_ways" if isinstance(ways, dict) and split == "train" and n != ways.get("val") else "sampler.ways"
                 raise MetalearnError(
-                    f"`sampler.ways` = {ways} is more than the {classes.num_classes} classes of the {split} split "
+                    f"`{key}` = {n} is more than the {classes.num_classes} classes of the {split} split "
                     f"of {self.name}. Allowed: at most {classes.num_classes}."
                 )
             fewest = int(classes.counts.min())
@@ -151,7 +154,7 @@ class ImageTasks(TaskSource):
         query_x = x[:, :, shots:].flatten(1, 2)
         support_y = labels.expand(num_tasks, ways, shots).flatten(1)
         query_y = labels.expand(num_tasks, ways, queries).flatten(1)
-        return TaskBatch(support_x, support_y, query_x, query_y, classes=chosen)
+        return TaskBatch(support_x, support_y, query_x, query_y, classes=chosen, objective=CLASSIFICATION)
 
 
 def distinct_indices(generator: torch.Generator, counts: torch.Tensor, k: int) -> torch.Tensor:

@@ -54,4 +54,5 @@ class Sinusoid(TaskSource):
             support_y=amplitude * torch.sin(support_x - phase),
             query_x=query_x,
             query_y=amplitude * torch.sin(query_x - phase),
+            objective=REGRESSION,
         )
