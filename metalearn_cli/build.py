@@ -67,7 +67,8 @@ def build_tasks(cfg: DictConfig) -> tuple["TaskSource", "EpisodicSampler"]:
     sampler: EpisodicSampler = _build(cfg, "sampler", source=source)
     if hasattr(source, "check_task_shape"):
         shots = {"train": sampler.train_shots, "val": sampler.shots, "test": sampler.shots}
-        source.check_task_shape(sampler.ways, shots, sampler.queries)
+        ways = {"train": sampler.train_ways, "val": sampler.ways, "test": sampler.ways}
+        source.check_task_shape(ways, shots, sampler.queries)
     return source, sampler
 
 

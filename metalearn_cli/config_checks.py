@@ -34,6 +34,12 @@ def _value(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.select(cfg, key, default=None)
 
 
+def _absent(cfg: DictConfig, key: str) -> bool:
+    """The key is not in the config at all (null is a value, and is checked)."""
+    marker = object()
+    return OmegaConf.select(cfg, key, default=marker) is marker
+
+
 def _fail(key: str, value: Any, allowed: str) -> None:
     raise MetalearnError(f"invalid value for `{key}`: {value!r}. Allowed: {allowed}. Set it on the command line, e.g. `{key}=...`.")
 
@@ -76,7 +82,9 @@ def check_config(cfg: DictConfig) -> None:
     positive_int(cfg, "sampler.train_shots", "support examples per class in meta-training tasks", optional=True)
     positive_int(cfg, "sampler.meta_batch_size", "tasks per meta-iteration")
     positive_int(cfg, "sampler.ways", "classes per task", optional=True, minimum=2)
-    positive_number(cfg, "algo.inner_lr", "the inner-loop learning rate")
+    positive_int(cfg, "sampler.train_ways", "classes per meta-training task", optional=True, minimum=2)
+    # an algorithm without an inner loop (ProtoNets) has no inner_lr or inner_steps: check what it has
+    positive_number(cfg, "algo.inner_lr", "the inner-loop learning rate", optional=_absent(cfg, "algo.inner_lr"))
     positive_number(cfg, "algo.eval_inner_lr", "the learning rate of adaptation at validation and test", optional=True)
     positive_number(cfg, "algo.outer_lr", "the meta-optimizer's learning rate")
     if _value(cfg, "algo.outer_lr_schedule") is not None:
@@ -85,8 +93,8 @@ def check_config(cfg: DictConfig) -> None:
     if final is not None and (not _is_number(final) or not 0 <= final < float("inf")):
         _fail("algo.outer_lr_final", final, "a finite number >= 0 (the meta learning rate at the end of the schedule)")
     positive_int(cfg, "algo.first_order_steps", "first-order meta-iterations at the start of the run", optional=True, minimum=0)
-    positive_int(cfg, "algo.inner_steps", "inner-loop steps per task in meta-training")
-    positive_int(cfg, "algo.eval_inner_steps", "adaptation steps at validation and test")
+    positive_int(cfg, "algo.inner_steps", "inner-loop steps per task in meta-training", optional=_absent(cfg, "algo.inner_steps"))
+    positive_int(cfg, "algo.eval_inner_steps", "adaptation steps at validation and test", optional=_absent(cfg, "algo.eval_inner_steps"))
     one_of(cfg, "algo.vectorize", VECTORIZE_CHOICES)
     if _value(cfg, "algo.inner_params") is not None:
         one_of(cfg, "algo.inner_params", INNER_PARAMS)

@@ -44,6 +44,7 @@ class EpisodicSampler:
         meta_batch_size: int,
         ways: int | None = None,
         train_shots: int | None = None,
+        train_ways: int | None = None,
     ) -> None:
         self.source = source
         self.shots = shots
@@ -51,12 +52,14 @@ class EpisodicSampler:
         self.meta_batch_size = meta_batch_size
         self.ways = ways
         self.train_shots = train_shots or shots
+        #: classes per meta-training task (Prototypical Networks train with more than they test with)
+        self.train_ways = train_ways or ways
 
     def train_batch(self, seed: int, step: int, rank: int = 0, world_size: int = 1) -> TaskBatch:
         """The meta-batch of meta-iteration `step`; with world_size > 1, this rank's share of it."""
         generator = generator_for(seed, "train", step)
         batch = self.source.sample(
-            "train", generator, self.meta_batch_size, self.ways, self.train_shots, self.queries
+            "train", generator, self.meta_batch_size, self.train_ways, self.train_shots, self.queries
         )
         batch.seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         if world_size > 1:

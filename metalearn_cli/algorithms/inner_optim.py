@@ -81,3 +81,27 @@ def make_inner_optimizer(name: str, lr: float, betas: Sequence[float] = (0.0, 0.
     if name == "adam":
         return InnerAdam(lr, betas, start=start)
     raise ValueError(f"unknown inner optimizer {name!r}; allowed: sgd, adam")
+
+
+class LearnedSGD:
+    """SGD with learned step sizes: p - rate[name] * g, `rate[name]` a tensor broadcast against the
+    parameter (one entry per parameter entry for Meta-SGD), or, with `per_step`, a [steps] tensor
+    indexed by the step (one scalar per layer and step for MAML++'s LSLR; later steps reuse the
+    last). The rates may require grad: the meta-gradient then reaches them through the update."""
+
+    def __init__(self, rates: dict[str, torch.Tensor], per_step: bool = False) -> None:
+        self.rates = rates
+        self.per_step = per_step
+
+    def init(self, params: Params) -> dict:
+        return {"t": 0}
+
+    def step(self, params: Params, grads: Params, state: dict) -> tuple[Params, dict]:
+        t = state["t"]
+        out = {}
+        for k, p in params.items():
+            rate = self.rates[k]
+            if self.per_step:
+                rate = rate[min(t, rate.shape[0] - 1)]
+            out[k] = p - rate * grads[k]
+        return out, {"t": t + 1}

@@ -1,0 +1,101 @@
+"""Prototypical Networks (Snell, Swersky, Zemel 2017).
+
+Each class of a task is represented by the mean of its support embeddings (its prototype); a query
+is scored by the negative squared Euclidean distance to every prototype,
+
+    logits[q, c] = -|| f(x_q) - mean_{i: y_i = c} f(x_i) ||^2,
+
+and meta-training minimises the cross-entropy of those logits on the query set. The embedding f is
+the network without its head (conv4's pooled features). There is no inner loop: a task is "adapted
+to" by computing its prototypes, so evaluation reports a single step. Episodes in meta-training may
+have more classes than test tasks (`sampler.train_ways`: 60 on Omniglot in the paper).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from metalearn_cli.algorithms.base import Algorithm, MetaStep
+from metalearn_cli.batched import expand
+from metalearn_cli.functional import FunctionalModel, TaskModel
+from metalearn_cli.tasks import TaskBatch, Tasks
+
+
+def prototype_logits(support: Tensor, labels: Tensor, query: Tensor, ways: int) -> Tensor:
+    """support [T, S, F] with labels [T, S] in 0..ways-1, query [T, Q, F] -> logits [T, Q, ways]."""
+    one_hot = F.one_hot(labels, ways).to(support.dtype)  # [T, S, N]
+    prototypes = one_hot.transpose(1, 2) @ support / one_hot.sum(1).unsqueeze(-1)  # [T, N, F]
+    return -torch.cdist(query, prototypes).pow(2)
+
+
+class ProtoNet(Algorithm):
+    name = "protonet"
+
+    def __init__(self, outer_lr: float, lr_decay_steps: int = 0, lr_decay: float = 0.5,
+                 vectorize: str = "auto", task_chunk: int | str = "auto") -> None:
+        super().__init__(inner_lr=0.0, inner_steps=0, eval_inner_steps=0, outer_lr=outer_lr,
+                         vectorize=vectorize, task_chunk=task_chunk)
+        if int(lr_decay_steps) != lr_decay_steps or lr_decay_steps < 0:
+            raise ValueError(f"lr_decay_steps must be an integer >= 0, got {lr_decay_steps!r}")
+        if not 0 < lr_decay <= 1:
+            raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay!r}")
+        self.lr_decay_steps = int(lr_decay_steps)
+        self.lr_decay = float(lr_decay)
+
+    def configure_optimizers(self, parameters, max_steps: int) -> dict:
+        """Adam; with `lr_decay_steps`, its rate multiplied by `lr_decay` every that many meta-iterations
+        (the paper halves it every 2,000 episodes)."""
+        optimizer = torch.optim.Adam(parameters, lr=self.outer_lr)
+        if not self.lr_decay_steps:
+            return {"optimizer": optimizer}
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, self.lr_decay_steps, self.lr_decay)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def scores(self, model: TaskModel, theta: dict, tasks: Tasks) -> tuple[Tensor, Tensor]:
+        """[T] query cross-entropies and [T] query accuracies of the prototype classifier."""
+        tasks = labelled(tasks)
+        params = expand(theta, tasks.num_tasks)
+        ways = int(tasks.support_y.max()) + 1
+        logits = prototype_logits(tasks.features(model, params, "support"), tasks.support_y,
+                                  tasks.features(model, params, "query"), ways)
+        return tasks.objective.task_loss(logits, tasks.query_y), tasks.objective.task_metric(logits.detach(), tasks.query_y)
+
+    def meta_step(self, fmodel: FunctionalModel, tasks: Tasks, iteration: int = 0) -> MetaStep:
+        theta = fmodel.params()
+        losses, metrics = self.execution.run(lambda model, part: self.scores(model, theta, part), fmodel, tasks)
+        loss = losses.mean()
+        return MetaStep(loss=loss, metrics={"loss": loss.detach(), tasks.objective.metric_name: metrics.mean()})
+
+    def evaluate(self, fmodel: FunctionalModel, tasks: Tasks, steps: int | None = None) -> Tensor:
+        """[T, 1]: the query accuracy of the prototypes (one step: there is no inner loop)."""
+        theta = {k: v.detach() for k, v in fmodel.params().items()}
+        with torch.no_grad():
+            return self.execution.run(lambda model, part: self.scores(model, theta, part)[1].unsqueeze(1), fmodel, tasks)
+
+    def record_statistics(self, fmodel: FunctionalModel, tasks: Tasks) -> None:
+        """Running batch-norm statistics (model.bn=frozen) from the support and query embeddings."""
+        if not fmodel.stat_layers:
+            return
+        theta = {k: v.detach() for k, v in fmodel.params().items()}
+        model = fmodel.on("loop")
+        for layer in fmodel.stat_layers:
+            layer.recording = True
+        try:
+            with torch.no_grad():
+                for i in range(tasks.num_tasks):
+                    labelled(tasks).slice(i, i + 1).features(model, expand(theta, 1), "support")
+        finally:
+            for layer in fmodel.stat_layers:
+                layer.recording = False
+
+    def eval_protocol(self) -> dict:
+        return {"eval_inner_lr": None, "eval_inner_optimizer": None, "eval_inner_batch_size": None,
+                "classifier": "nearest prototype (squared Euclidean)"}
+
+
+def labelled(tasks: Tasks) -> TaskBatch:
+    if not isinstance(tasks, TaskBatch) or tasks.objective.name != "classification":
+        raise TypeError(f"algo=protonet classifies by class prototypes; it needs labelled classification tasks, not {type(tasks).__name__}")
+    return tasks
