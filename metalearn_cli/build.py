@@ -8,6 +8,7 @@ sampler: everything a user's data and shape settings can get wrong) needs only t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -95,6 +96,8 @@ def build_experiment(cfg: DictConfig, choices: dict | None = None, tasks: tuple 
         test_tasks=cfg.eval.num_tasks,
         eval_batch_tasks=cfg.eval.batch_tasks,
         iterations_per_batch=iterations_per_batch(cfg),
+        # an algorithm may choose what it trains on (algo=finetune: pre-training batches of images)
+        train_batch=partial(algorithm.train_batch, sampler) if hasattr(algorithm, "train_batch") else None,
     )
     return Experiment(source, sampler, algorithm, module, datamodule)
 

@@ -106,6 +106,7 @@ def check_config(cfg: DictConfig) -> None:
             one_of(cfg, key, ("sgd", "adam"))
     positive_int(cfg, "algo.inner_batch_size", "support examples per inner step", optional=True)
     positive_int(cfg, "algo.eval_inner_batch_size", "support examples per adaptation step at validation and test", optional=True)
+    positive_int(cfg, "algo.pretrain_batch_size", "images per pre-training batch of algo=finetune", optional=True)
     if _value(cfg, "algo.inner_state") is not None:
         one_of(cfg, "algo.inner_state", ("reset", "carry"))
         if _value(cfg, "algo.inner_state") == "carry" and _value(cfg, "algo.inner_optimizer") != "adam":

@@ -3,11 +3,13 @@ resumes at the trainer's step, and fixed validation / test task sets served in c
 
 from __future__ import annotations
 
+from typing import Callable
+
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Subset
 
 from metalearn_cli.samplers import EpisodicSampler, TaskChunks, TrainStream
-from metalearn_cli.tasks import TaskBatch
+from metalearn_cli.tasks import TaskBatch, Tasks
 
 
 class TaskDataModule(pl.LightningDataModule):
@@ -20,6 +22,7 @@ class TaskDataModule(pl.LightningDataModule):
         test_tasks: int,
         eval_batch_tasks: int,
         iterations_per_batch: int = 1,
+        train_batch: Callable[[int, int, int, int], Tasks] | None = None,
     ) -> None:
         super().__init__()
         self.sampler = sampler
@@ -28,6 +31,8 @@ class TaskDataModule(pl.LightningDataModule):
         self.num_tasks = {"val": val_tasks, "test": test_tasks}
         self.eval_batch_tasks = eval_batch_tasks
         self.iterations_per_batch = iterations_per_batch
+        #: (seed, step, rank, world_size) -> training batch; None: the sampler's meta-batches (see TrainStream)
+        self.train_batch = train_batch
         self._fixed: dict[str, TaskBatch] = {}
 
     def _start_step(self) -> int:
@@ -37,7 +42,7 @@ class TaskDataModule(pl.LightningDataModule):
         rank, world = 0, 1
         if self.trainer is not None:
             rank, world = self.trainer.global_rank, self.trainer.world_size
-        stream = TrainStream(self.sampler, self.seed, self._start_step, rank, world, self.iterations_per_batch)
+        stream = TrainStream(self.sampler, self.seed, self._start_step, rank, world, self.iterations_per_batch, self.train_batch)
         return DataLoader(stream, batch_size=None, num_workers=0)
 
     def _fixed_loader(self, split: str) -> DataLoader:

@@ -7,7 +7,10 @@ Every task is a pure function of seeds, never of hidden global state:
   run split over R processes sees the same meta-batch as one process (each rank takes its slice);
 * validation and test task `i` is drawn with a generator seeded by (task_seed, split, i), so
   every algorithm and every run with the same `task_seed` is scored on the same tasks,
-  whatever the chunking or the number of tasks asked for.
+  whatever the chunking or the number of tasks asked for;
+* supervised pre-training (`pretrain_batch`, the Baseline of Chen et al.) walks through epochs of
+  the training images: epoch e's order is a permutation seeded by (seed, "pretrain", e), and batch
+  `step` is positions step*B ... step*B + B - 1 of the epoch orders laid end to end.
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 
 from metalearn_cli.data.base import TaskSource
-from metalearn_cli.tasks import TaskBatch
+from metalearn_cli.errors import MetalearnError
+from metalearn_cli.tasks import CLASSIFICATION, TaskBatch, Tasks
 
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+#: derive_seed codes of pre-training: the epoch orders, and a batch's own draws (random rotations)
+_PRETRAIN_ORDER, _PRETRAIN_DRAWS = 3, 4
 
 
 def derive_seed(*parts: int) -> int:
@@ -54,6 +60,7 @@ class EpisodicSampler:
         self.train_shots = train_shots or shots
         #: classes per meta-training task (Prototypical Networks train with more than they test with)
         self.train_ways = train_ways or ways
+        self._epoch_orders: dict[tuple[int, int], torch.Tensor] = {}
 
     def train_batch(self, seed: int, step: int, rank: int = 0, world_size: int = 1) -> TaskBatch:
         """The meta-batch of meta-iteration `step`; with world_size > 1, this rank's share of it."""
@@ -66,6 +73,44 @@ class EpisodicSampler:
             per_rank = self.meta_batch_size // world_size
             batch = batch.slice(rank * per_rank, (rank + 1) * per_rank)
         return batch
+
+    def pretrain_batch(self, seed: int, step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> TaskBatch:
+        """Pre-training batch `step`: `batch_size` training images with their global class, as one task
+        whose support set holds them (query empty) and whose `classes` is 0..C-1, so that
+        `classes.gather(1, support_y)` is the global label. With world_size > 1, this rank's share."""
+        if batch_size % world_size:
+            raise MetalearnError(
+                f"`algo.pretrain_batch_size` = {batch_size} cannot be split evenly across {world_size} processes "
+                f"(trainer.devices x trainer.num_nodes). Allowed: a multiple of {world_size}."
+            )
+        if not hasattr(self.source, "labelled_images"):
+            raise MetalearnError(
+                f"`algo.pretrain_batch_size` pre-trains on single labelled images, which {self.source.name} does not "
+                "give. Allowed here: null (train on the images of sampled tasks)."
+            )
+        count = self.source.num_images("train")
+        positions = step * batch_size + torch.arange(batch_size)
+        epochs, within = positions // count, positions % count
+        index = torch.empty_like(positions)
+        for epoch in epochs.unique().tolist():  # a batch may straddle two epochs
+            index[epochs == epoch] = self._epoch_order(seed, epoch, count)[within[epochs == epoch]]
+        generator = torch.Generator().manual_seed(derive_seed(seed, _PRETRAIN_DRAWS, step))
+        x, y = self.source.labelled_images("train", index, generator)  # the whole batch: every rank draws the same
+        share = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
+        classes = torch.arange(self.source.num_classes("train")).unsqueeze(0)
+        x, y = x[share].unsqueeze(0), y[share].unsqueeze(0)
+        batch = TaskBatch(x, y, x[:, :0], y[:, :0], classes=classes, objective=CLASSIFICATION)
+        batch.seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        return batch
+
+    def _epoch_order(self, seed: int, epoch: int, count: int) -> torch.Tensor:
+        """The order of pre-training epoch `epoch` (the two latest kept: consecutive batches share them)."""
+        key = (seed, epoch)
+        if key not in self._epoch_orders:
+            generator = torch.Generator().manual_seed(derive_seed(seed, _PRETRAIN_ORDER, epoch))
+            self._epoch_orders = {k: v for k, v in self._epoch_orders.items() if k[0] == seed and k[1] == epoch - 1}
+            self._epoch_orders[key] = torch.randperm(count, generator=generator)
+        return self._epoch_orders[key]
 
     def fixed_tasks(self, split: str, num_tasks: int, task_seed: int) -> TaskBatch:
         """Tasks 0..num_tasks-1 of `split`; task i is the same for any num_tasks, and so is its seed."""
@@ -80,7 +125,9 @@ class EpisodicSampler:
 
 class TrainStream(IterableDataset):
     """An endless stream of meta-batches, starting at the trainer's current step (for resume),
-    served `per_batch` consecutive meta-iterations at a time (one list per Lightning training step)."""
+    served `per_batch` consecutive meta-iterations at a time (one list per Lightning training step).
+    `train_batch(seed, step, rank, world_size)` makes each one: the sampler's meta-batches, unless the
+    algorithm trains on something else (Finetune.train_batch: pre-training batches of images)."""
 
     def __init__(
         self,
@@ -90,8 +137,10 @@ class TrainStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         per_batch: int = 1,
+        train_batch: Callable[[int, int, int, int], Tasks] | None = None,
     ) -> None:
         self.sampler = sampler
+        self.train_batch = train_batch or sampler.train_batch
         self.per_batch = per_batch
         self.seed = seed
         self.start_step = start_step
@@ -101,7 +150,7 @@ class TrainStream(IterableDataset):
     def __iter__(self) -> Iterator[list[TaskBatch]]:
         step = self.start_step()
         while True:
-            yield [self.sampler.train_batch(self.seed, s, self.rank, self.world_size) for s in range(step, step + self.per_batch)]
+            yield [self.train_batch(self.seed, s, self.rank, self.world_size) for s in range(step, step + self.per_batch)]
             step += self.per_batch
 
 

@@ -6,12 +6,14 @@ minimised directly. At validation and test the whole model is adapted to each ta
 is (SGD with eval_inner_lr for eval_inner_steps steps).
 
 Classification: Baseline and Baseline++ of Chen et al. 2019 ("A Closer Look at Few-shot
-Classification"). Meta-training is supervised classification over all training classes (the
-images of the sampled tasks, labelled with their global class) with a linear head (`head=linear`,
-Baseline) or a cosine-similarity head (`head=cosine`, Baseline++). At test a new head with one
-output per way is trained on the task's support set, on the frozen backbone's features
-(`finetune_backbone=false`, the paper's protocol) or together with the whole network
-(`finetune_backbone=true`), by full-batch SGD with momentum and weight decay.
+Classification"). Meta-training is supervised classification over all training classes with a
+linear head (`head=linear`, Baseline) or a cosine-similarity head (`head=cosine`, Baseline++), on
+batches of `pretrain_batch_size` training images drawn epoch after epoch, each labelled with its
+global class, as Chen et al. train (`pretrain_batch_size=null`: the images of the sampled tasks,
+labelled the same way). At test a new head with one output per way is trained on the task's
+support set, on the frozen backbone's features (`finetune_backbone=false`, the paper's protocol) or
+together with the whole network (`finetune_backbone=true`), by full-batch SGD with momentum and
+weight decay.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from metalearn_cli.algorithms.base import Algorithm, MetaStep
 from metalearn_cli.algorithms.inner_optim import InnerSGD
 from metalearn_cli.batched import expand
+from metalearn_cli.errors import MetalearnError
 from metalearn_cli.functional import FunctionalModel, TaskModel
 from metalearn_cli.models import CosineClassifier, cosine_logits
 from metalearn_cli.tasks import TaskBatch, Tasks
@@ -47,11 +50,18 @@ class Finetune(Algorithm):
         finetune_backbone: bool = False,
         eval_momentum: float = 0.9,
         eval_weight_decay: float = 0.001,
+        pretrain_batch_size: int | None = None,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
         if head not in HEADS:
             raise ValueError(f"unknown head {head!r}")
+        if pretrain_batch_size is not None and (
+            not isinstance(pretrain_batch_size, int) or isinstance(pretrain_batch_size, bool) or pretrain_batch_size < 1
+        ):
+            raise ValueError(f"pretrain_batch_size must be an integer >= 1 or null, not {pretrain_batch_size!r}")
+        #: images per pre-training batch (classification); None: the images of the sampled tasks
+        self.pretrain_batch_size = pretrain_batch_size
         self.head = head
         self.finetune_backbone = bool(finetune_backbone)
         self.eval_momentum = float(eval_momentum)
@@ -61,6 +71,12 @@ class Finetune(Algorithm):
     def extra_modules(self, model: nn.Module, source, sampler) -> dict[str, nn.Module]:
         """The head over all training classes used in pre-training (classification only)."""
         if source.objective.name != "classification":
+            if self.pretrain_batch_size is not None:
+                raise MetalearnError(
+                    f"`algo.pretrain_batch_size` = {self.pretrain_batch_size} sets batches of labelled images for "
+                    f"pre-training a classifier, but {source.name} is a {source.objective.name} data set. "
+                    "Allowed here: null (train on the pooled examples of sampled tasks)."
+                )
             return {}
         features = model.head.in_features
         classes = source.num_classes("train")
@@ -74,6 +90,35 @@ class Finetune(Algorithm):
         return {"optimizer": torch.optim.Adam(parameters, lr=self.outer_lr)}
 
     # -- pre-training ----------------------------------------------------------------------
+    def _pretraining(self) -> bool:
+        """Training batches are single images with global labels (see train_batch)."""
+        return self.pretrain_batch_size is not None and self.classifier is not None
+
+    def train_batch(self, sampler, seed: int, step: int, rank: int = 0, world_size: int = 1) -> TaskBatch:
+        """What meta-iteration `step` trains on: Chen et al.'s batches of images over epochs of the training
+        classes, or (pretrain_batch_size=null, and regression) the sampler's meta-batch of tasks."""
+        if self._pretraining():
+            return sampler.pretrain_batch(seed, step, self.pretrain_batch_size, rank, world_size)
+        return sampler.train_batch(seed, step, rank, world_size)
+
+    def record_statistics(self, fmodel: FunctionalModel, tasks: Tasks) -> None:
+        """Batch-norm running statistics (model.bn=frozen, per_step) of pre-training batches: the backbone's
+        forward pass only, since their global labels are not outputs of the model's own N-way head."""
+        if not self._pretraining() or not fmodel.stat_layers:
+            return super().record_statistics(fmodel, tasks)
+        theta = {k: v.detach() for k, v in fmodel.params().items()}
+        for layer in fmodel.stat_layers:
+            layer.recording = True
+        try:
+            with torch.no_grad():
+                fmodel(theta, supervised(tasks, self.name).support_x.flatten(0, 1), 0, features_only=True)
+        finally:
+            for layer in fmodel.stat_layers:
+                layer.recording = False
+        for layer in fmodel.stat_layers:  # no inner loop in pre-training: every step uses step 0's
+            layer.running_mean[1:] = layer.running_mean[0]
+            layer.running_var[1:] = layer.running_var[0]
+
     def meta_step(self, fmodel: FunctionalModel, tasks: Tasks, iteration: int = 0) -> MetaStep:
         tasks = supervised(tasks, self.name)
         objective = tasks.objective
@@ -81,7 +126,7 @@ class Finetune(Algorithm):
         if self.classifier is None:  # regression: the model itself on pooled points
             targets = torch.cat([tasks.support_y.flatten(0, 1), tasks.query_y.flatten(0, 1)])
             prediction = fmodel(fmodel.params(), inputs)
-        else:  # classification: global class labels, the pre-training head
+        else:  # classification: global class labels (a pre-training batch's classes are 0..C-1), the head over them
             targets = torch.cat(
                 [tasks.classes.gather(1, tasks.support_y).flatten(), tasks.classes.gather(1, tasks.query_y).flatten()]
             )

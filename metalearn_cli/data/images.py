@@ -146,15 +146,39 @@ class ImageTasks(TaskSource):
             images = classes.rotated()[turns[..., None].expand_as(rows), rows]
         else:
             images = classes.pixels[rows]  # [T, N, K+Q, C, H, W]
-        x = images.float().div_(255.0)
-        if self.invert:
-            x = 1.0 - x
+        x = self._floats(images)
         labels = torch.arange(ways).view(1, ways, 1)
         support_x = x[:, :, :shots].flatten(1, 2)
         query_x = x[:, :, shots:].flatten(1, 2)
         support_y = labels.expand(num_tasks, ways, shots).flatten(1)
         query_y = labels.expand(num_tasks, ways, queries).flatten(1)
         return TaskBatch(support_x, support_y, query_x, query_y, classes=chosen, objective=CLASSIFICATION)
+
+    # -- supervised pre-training (Baseline of Chen et al.): single images, global labels ------------
+    def num_images(self, split: str) -> int:
+        """Images of `split`, each rotation of an image counted once (a rotation is a class of its own)."""
+        classes = self.splits[split]
+        return int(classes.counts.sum()) * classes.rotations
+
+    def labelled_images(self, split: str, index: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images `index` (into 0..num_images-1: rotation index // images, image index % images) as
+        floats, as `sample` gives them, and their class in 0..num_classes-1."""
+        classes = self.splits[split]
+        n = int(classes.counts.sum())
+        turns, rows = index // n, index % n
+        image_class = torch.searchsorted(classes.offsets, rows, right=True) - 1  # the class owning each row
+        labels = image_class * classes.rotations + turns
+        if self.augment_rotations:  # as in `sample`: a random turn, the label unchanged
+            turns = torch.randint(0, 4, rows.shape, generator=generator)
+        if classes.rotations > 1 or self.augment_rotations:
+            images = classes.rotated()[turns, rows]
+        else:
+            images = classes.pixels[rows]
+        return self._floats(images), labels
+
+    def _floats(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float().div_(255.0)
+        return 1.0 - x if self.invert else x
 
 
 def distinct_indices(generator: torch.Generator, counts: torch.Tensor, k: int) -> torch.Tensor:
