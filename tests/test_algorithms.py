@@ -189,3 +189,43 @@ def test_mamlpp_gradient_matches_per_step_rates_and_the_weighted_multi_step_loss
     for got, want in zip(_grads(model, named.values()), expected):
         torch.testing.assert_close(got, want)
     assert all(v.grad[-1].abs() > 0 for v in named.values() if v.grad is not None)
+
+
+# -- through the configs ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("algo, data", [
+    ("anil", "sinusoid"), ("metasgd", "sinusoid"), ("mamlpp", "sinusoid"),
+    ("anil", "omniglot"), ("metasgd", "omniglot"), ("mamlpp", "omniglot"), ("protonet", "omniglot"),
+])
+def test_each_new_algorithm_builds_from_its_configs_and_learns_what_it_should(compose_cfg, omniglot_cache, algo, data):
+    """configs/algo/<name>.yaml (+ tuning/<name>_omniglot.yaml) build the algorithm; one optimizer step
+    moves the weights and the learned inner rates, which are saved in the checkpoint's state."""
+    from metalearn_cli.build import build_experiment
+    from tests.conftest import OMNIGLOT
+
+    where = [f"data.root={OMNIGLOT}", f"data.cache_dir={omniglot_cache}"] if data == "omniglot" else []
+    cfg = compose_cfg(f"algo={algo}", f"data={data}", "sampler.meta_batch_size=2", *where)
+    experiment = build_experiment(cfg)
+    module, sampler, algorithm = experiment.module, experiment.sampler, experiment.algorithm
+    assert type(algorithm).__name__.lower() == {"mamlpp": "mamlpp", "metasgd": "metasgd"}.get(algo, algo)
+    batch = sampler.train_batch(cfg.seed, 0)
+    if algo == "protonet":
+        assert batch.support_y.max() + 1 == 60 and cfg.sampler.ways == 5  # tuning: 60-way training episodes
+    optimizer = algorithm.configure_optimizers(module.parameters(), 10)["optimizer"]
+    before = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    step = algorithm.meta_step(module.fmodel, batch)
+    optimizer.zero_grad()
+    step.loss.backward()
+    optimizer.step()
+    after = module.state_dict()
+    assert not torch.equal(after["model.features.0.weight" if data == "omniglot" else "model.body.1.weight"],
+                           before["model.features.0.weight" if data == "omniglot" else "model.body.1.weight"])
+    rates = [k for k in after if k.startswith("extras.inner_rates.")]
+    assert bool(rates) == (algo in ("metasgd", "mamlpp"))  # learned rates live in the checkpoint
+    # a convolution's bias before batch norm has no gradient (the mean is subtracted), so neither has its rate
+    blind = {f"extras.inner_rates.rates.features__{i}__bias" for i in (0, 3, 6, 9)} if data == "omniglot" else set()
+    assert all(not torch.equal(after[k], before[k]) for k in rates if k not in blind)
+    assert all(torch.equal(after[k], before[k]) for k in rates if k in blind)
+    scores = algorithm.evaluate(module.fmodel, sampler.fixed_tasks("val", 3, 0))
+    steps = 0 if algo == "protonet" else cfg.algo.eval_inner_steps
+    assert scores.shape == (3, steps + 1) and torch.isfinite(scores).all()
