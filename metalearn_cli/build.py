@@ -1,8 +1,9 @@
 """The one place where a composed config becomes objects (every `_target_` is instantiated here).
 
-Building happens in two phases so that bad input fails fast: `build_tasks` (the data and the
-sampler: everything a user's data and shape settings can get wrong) needs only torch;
-`build_experiment` and `build_trainer` then bring in Lightning.
+Building happens in two phases so that bad input fails fast: `build_tasks` (the algorithm, the
+sampler, the data and the model: everything a user's settings can get wrong, each owner checking
+its own, see `metalearn_cli.options`) needs only torch; `build_experiment` and `build_trainer` then
+bring in Lightning.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 from metalearn_cli import __version__
 from metalearn_cli.config_checks import check_against_data, check_config, iterations_per_batch
 from metalearn_cli.errors import MetalearnError
+from metalearn_cli.options import OptionError
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
+    from torch import nn
 
     from metalearn_cli.algorithms.base import Algorithm
     from metalearn_cli.data.base import TaskSource
@@ -45,6 +48,8 @@ def _build(cfg: DictConfig, group: str, **kwargs):
         return instantiate(cfg[group], _convert_="all", **kwargs)
     except InstantiationException as error:
         cause = error.__cause__
+        if isinstance(cause, OptionError):  # the owner names its key; the group completes it
+            raise cause.under(group) from None
         if isinstance(cause, MetalearnError):
             raise cause from None
         if isinstance(cause, (TypeError, ValueError)):
@@ -55,32 +60,46 @@ def _build(cfg: DictConfig, group: str, **kwargs):
         raise
 
 
-def build_tasks(cfg: DictConfig) -> tuple["TaskSource", "EpisodicSampler"]:
-    """The task distribution and its sampler, with every shape check (no Lightning needed)."""
+@dataclass
+class Parts:
+    """What a user's settings can get wrong, built and checked before Lightning is imported."""
+
+    source: TaskSource
+    sampler: EpisodicSampler
+    algorithm: Algorithm
+    model: nn.Module
+
+
+def build_tasks(cfg: DictConfig) -> Parts:
+    """The algorithm, the sampler, the task distribution and the model, each checking its own settings
+    as it is built (no Lightning needed). The cheap ones come first, so that a mistyped value is
+    reported before the data is read."""
     check_config(cfg)
+    algorithm: Algorithm = _build(cfg, "algo")
+    sampler: EpisodicSampler = _build(cfg, "sampler", source=None)
     source: TaskSource = _build(cfg, "data")
+    sampler.source = source
     check_against_data(cfg, source.objective)
     if cfg.model.get("_target_", "").endswith("Conv4") and len(source.input_shape) != 3:
         raise MetalearnError(
             f"`model=conv4` needs images, but the data gives inputs of shape {tuple(source.input_shape)}. "
             "Use model=mlp for this data, or an image data set (data=omniglot, folder, mnist, cifar_fs, miniimagenet)."
         )
-    sampler: EpisodicSampler = _build(cfg, "sampler", source=source)
     if hasattr(source, "check_task_shape"):
         shots = {"train": sampler.train_shots, "val": sampler.shots, "test": sampler.shots}
         ways = {"train": sampler.train_ways, "val": sampler.ways, "test": sampler.ways}
         source.check_task_shape(ways, shots, sampler.queries)
-    return source, sampler
+    model = _build(cfg, "model", input_shape=source.input_shape, out_features=source.output_dim(sampler.ways))
+    return Parts(source, sampler, algorithm, model)
 
 
-def build_experiment(cfg: DictConfig, choices: dict | None = None, tasks: tuple | None = None) -> Experiment:
+def build_experiment(cfg: DictConfig, choices: dict | None = None, tasks: Parts | None = None) -> Experiment:
     """Everything a run needs but the Trainer; `tasks` reuses the result of build_tasks."""
     from metalearn_cli.datamodule import TaskDataModule
     from metalearn_cli.module import MetaLearner
 
-    source, sampler = tasks if tasks is not None else build_tasks(cfg)
-    model = _build(cfg, "model", input_shape=source.input_shape, out_features=source.output_dim(sampler.ways))
-    algorithm: Algorithm = _build(cfg, "algo")
+    parts = tasks if tasks is not None else build_tasks(cfg)
+    source, sampler, algorithm, model = parts.source, parts.sampler, parts.algorithm, parts.model
     metadata = {
         "version": __version__,
         "config": OmegaConf.to_container(cfg, resolve=True),

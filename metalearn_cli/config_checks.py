@@ -10,130 +10,41 @@ from typing import TYPE_CHECKING
 from omegaconf import DictConfig, OmegaConf
 
 from metalearn_cli.errors import MetalearnError
+from metalearn_cli.options import integer, invalid
 
 if TYPE_CHECKING:
     from metalearn_cli.tasks import Objective
 
 # This module imports neither torch nor Lightning, so a mistyped value is reported in a second.
-
-#: algo.vectorize: how the tasks of a meta-batch run (see Algorithm.execution)
-VECTORIZE_CHOICES = ("auto", "batched", "vmap", "loop")
-#: algo.outer_lr_schedule: MAML's meta learning rate over the run (see algorithms.maml)
-OUTER_LR_SCHEDULES = ("constant", "cosine")
-#: model.bn: which statistics batch norm uses at test (see models.MetaBatchNorm2d)
-BN_MODES = ("transductive", "frozen", "per_step")
-#: model.init: conv4's initialisation, PyTorch's defaults or MAML's reference code's (see models.Conv4)
-CONV4_INITS = ("pytorch", "reference")
-#: algo.inner_params: which parameters MAML's inner loop adapts (see FunctionalModel.inner_keys)
-INNER_PARAMS = ("all", "no_bn", "head")
-#: data.train_on: the classes meta-training draws from (see data.images.ImageTasks)
-TRAIN_ON_CHOICES = ("train", "trainval")
+# It checks the keys that belong to the run itself (seed, trainer steps, evaluation, checkpoints);
+# every other class checks its own settings when it is built (metalearn_cli.options).
 
 
 def _value(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.select(cfg, key, default=None)
 
 
-def _absent(cfg: DictConfig, key: str) -> bool:
-    """The key is not in the config at all (null is a value, and is checked)."""
-    marker = object()
-    return OmegaConf.select(cfg, key, default=marker) is marker
-
-
 def _fail(key: str, value: Any, allowed: str) -> None:
-    raise MetalearnError(f"invalid value for `{key}`: {value!r}. Allowed: {allowed}. Set it on the command line, e.g. `{key}=...`.")
+    raise invalid(key, value, allowed)
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def positive_int(cfg: DictConfig, key: str, meaning: str, optional: bool = False, minimum: int = 1) -> None:
-    value = _value(cfg, key)
-    if value is None and optional:
-        return
-    if not _is_int(value) or value < minimum:
-        _fail(key, value, f"an integer >= {minimum} ({meaning})")
-
-
-def positive_number(cfg: DictConfig, key: str, meaning: str, optional: bool = False) -> None:
-    value = _value(cfg, key)
-    if value is None and optional:
-        return
-    if not _is_number(value) or not value > 0 or value != value or value == float("inf"):
-        _fail(key, value, f"a finite number > 0 ({meaning})")
-
-
-def one_of(cfg: DictConfig, key: str, choices: tuple[str, ...]) -> None:
-    value = _value(cfg, key)
-    if value not in choices:
-        _fail(key, value, "one of " + ", ".join(choices))
+    integer(key, _value(cfg, key), meaning, minimum, optional)
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Checks that need only the config (run before anything is built)."""
+    """Checks of the run's own keys (run before anything is built)."""
     positive_int(cfg, "seed", "the seed of model initialisation and task sampling", minimum=0)
-    positive_int(cfg, "sampler.shots", "labelled support examples per class, or per task for regression")
-    positive_int(cfg, "sampler.queries", "query examples per class, or per task for regression", optional=True)
-    positive_int(cfg, "sampler.train_shots", "support examples per class in meta-training tasks", optional=True)
-    positive_int(cfg, "sampler.meta_batch_size", "tasks per meta-iteration")
-    positive_int(cfg, "sampler.ways", "classes per task", optional=True, minimum=2)
-    positive_int(cfg, "sampler.train_ways", "classes per meta-training task", optional=True, minimum=2)
-    # an algorithm without an inner loop (ProtoNets) has no inner_lr or inner_steps: check what it has
-    positive_number(cfg, "algo.inner_lr", "the inner-loop learning rate", optional=_absent(cfg, "algo.inner_lr"))
-    positive_number(cfg, "algo.eval_inner_lr", "the learning rate of adaptation at validation and test", optional=True)
-    positive_number(cfg, "algo.outer_lr", "the meta-optimizer's learning rate")
-    if _value(cfg, "algo.outer_lr_schedule") is not None:
-        one_of(cfg, "algo.outer_lr_schedule", OUTER_LR_SCHEDULES)
-    final = _value(cfg, "algo.outer_lr_final")
-    if final is not None and (not _is_number(final) or not 0 <= final < float("inf")):
-        _fail("algo.outer_lr_final", final, "a finite number >= 0 (the meta learning rate at the end of the schedule)")
-    positive_int(cfg, "algo.first_order_steps", "first-order meta-iterations at the start of the run", optional=True, minimum=0)
-    positive_int(cfg, "algo.inner_steps", "inner-loop steps per task in meta-training", optional=_absent(cfg, "algo.inner_steps"))
-    positive_int(cfg, "algo.eval_inner_steps", "adaptation steps at validation and test", optional=_absent(cfg, "algo.eval_inner_steps"))
-    one_of(cfg, "algo.vectorize", VECTORIZE_CHOICES)
-    if _value(cfg, "algo.inner_params") is not None:
-        one_of(cfg, "algo.inner_params", INNER_PARAMS)
-    chunk = _value(cfg, "algo.task_chunk")
-    if chunk is not None and chunk != "auto" and not (_is_int(chunk) and chunk >= 1):
-        _fail("algo.task_chunk", chunk, "auto, or an integer >= 1 (tasks per pass with batched execution)")
-    for key in ("algo.inner_optimizer", "algo.eval_inner_optimizer"):
-        if _value(cfg, key) is not None:
-            one_of(cfg, key, ("sgd", "adam"))
-    positive_int(cfg, "algo.inner_batch_size", "support examples per inner step", optional=True)
-    positive_int(cfg, "algo.eval_inner_batch_size", "support examples per adaptation step at validation and test", optional=True)
-    positive_int(cfg, "algo.pretrain_batch_size", "images per pre-training batch of algo=finetune", optional=True)
-    if _value(cfg, "algo.inner_state") is not None:
-        one_of(cfg, "algo.inner_state", ("reset", "carry"))
-        if _value(cfg, "algo.inner_state") == "carry" and _value(cfg, "algo.inner_optimizer") != "adam":
-            raise MetalearnError(
-                f"`algo.inner_state=carry` carries the inner Adam's moments from task to task, but "
-                f"`algo.inner_optimizer` is {_value(cfg, 'algo.inner_optimizer')!r}, which has no state to carry. "
-                "Allowed: algo.inner_state=reset, or algo.inner_optimizer=adam."
-            )
     positive_int(cfg, "trainer.max_steps", "meta-iterations to train")
     positive_int(cfg, "eval.num_tasks", "test tasks to score")
     positive_int(cfg, "eval.val_tasks", "validation tasks to score")
     positive_int(cfg, "eval.batch_tasks", "tasks evaluated together")
     positive_int(cfg, "eval.task_seed", "the seed that fixes validation and test tasks", minimum=0)
     positive_int(cfg, "checkpoint.every_n_steps", "meta-iterations between saves of last.ckpt", optional=True, minimum=0)
-    if _value(cfg, "data.train_on") is not None:
-        one_of(cfg, "data.train_on", TRAIN_ON_CHOICES)
-    if _value(cfg, "model.bn") is not None:
-        one_of(cfg, "model.bn", BN_MODES)
-    if _value(cfg, "model.downsample") is not None:
-        one_of(cfg, "model.downsample", ("stride", "maxpool"))
-    if _value(cfg, "model.init") is not None:
-        one_of(cfg, "model.init", CONV4_INITS)
-    if _value(cfg, "model.pool") is not None:
-        one_of(cfg, "model.pool", ("mean", "flatten"))
-    positive_int(cfg, "model.channels", "filters per convolution", optional=True)
-    if _value(cfg, "algo.head") is not None:
-        one_of(cfg, "algo.head", ("linear", "cosine"))
     iterations_per_batch(cfg)
 
 

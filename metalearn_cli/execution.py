@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from metalearn_cli import batched
+from metalearn_cli import batched, options
 from metalearn_cli.functional import FunctionalModel, TaskModel
 from metalearn_cli.models import MLP
 from metalearn_cli.tasks.base import Tasks
@@ -35,11 +35,9 @@ class Execution:
     """`vectorize`: auto, batched, vmap or loop. `task_chunk`: auto, or tasks per pass (batched)."""
 
     def __init__(self, vectorize: str = "auto", task_chunk: int | str = "auto") -> None:
-        if vectorize not in VECTORIZE_CHOICES:
-            raise ValueError(f"unknown vectorize {vectorize!r}; allowed: {', '.join(VECTORIZE_CHOICES)}")
-        if task_chunk != "auto" and not (isinstance(task_chunk, int) and task_chunk >= 1):
-            raise ValueError(f"task_chunk must be auto or an integer >= 1, not {task_chunk!r}")
-        self.vectorize = vectorize
+        self.vectorize = options.choice("vectorize", vectorize, VECTORIZE_CHOICES)
+        if task_chunk != "auto" and not (isinstance(task_chunk, int) and not isinstance(task_chunk, bool) and task_chunk >= 1):
+            raise options.invalid("task_chunk", task_chunk, "auto, or an integer >= 1 (tasks per pass with batched execution)")
         self.task_chunk = task_chunk
 
     def strategy(self, module: nn.Module, tasks: Tasks | None = None, examples: int | None = None) -> str:

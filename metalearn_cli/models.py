@@ -9,7 +9,12 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from metalearn_cli.config_checks import BN_MODES, CONV4_INITS
+from metalearn_cli import options
+
+#: model.bn: which statistics batch norm uses at test (see MetaBatchNorm2d)
+BN_MODES = ("transductive", "frozen", "per_step")
+#: model.init: conv4's initialisation, PyTorch's defaults or MAML's reference code's (see Conv4)
+CONV4_INITS = ("pytorch", "reference")
 
 
 class MLP(nn.Module):
@@ -50,9 +55,7 @@ class MetaBatchNorm2d(nn.Module):
 
     def __init__(self, channels: int, mode: str = "transductive", steps: int = 1, momentum: float = 0.1, eps: float = 1e-5) -> None:
         super().__init__()
-        if mode not in BN_MODES:
-            raise ValueError(f"unknown batch norm mode {mode!r}")
-        self.mode = mode
+        self.mode = options.choice("bn", mode, BN_MODES)
         self.momentum = momentum
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(channels))
@@ -117,12 +120,12 @@ class Conv4(nn.Module):
         init: str = "pytorch",
     ) -> None:
         super().__init__()
-        if init not in CONV4_INITS:
-            raise ValueError(f"unknown init {init!r}")
-        if downsample not in ("stride", "maxpool"):
-            raise ValueError(f"unknown downsample {downsample!r}")
-        if pool not in ("mean", "flatten"):
-            raise ValueError(f"unknown pool {pool!r}")
+        options.choice("init", init, CONV4_INITS)
+        options.choice("downsample", downsample, ("stride", "maxpool"))
+        options.choice("pool", pool, ("mean", "flatten"))
+        options.choice("bn", bn, BN_MODES)
+        options.integer("channels", channels, "filters per convolution")
+        options.integer("bn_steps", bn_steps, "inner steps with their own batch-norm statistics (model.bn=per_step)")
         layers: list[nn.Module] = []
         in_channels = int(input_shape[0])
         for _ in range(blocks):

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
+from metalearn_cli import options
 from metalearn_cli.data.base import TaskSource
 from metalearn_cli.errors import MetalearnError
 from metalearn_cli.tasks import CLASSIFICATION, TaskBatch, Tasks
@@ -52,11 +53,14 @@ class EpisodicSampler:
         train_shots: int | None = None,
         train_ways: int | None = None,
     ) -> None:
+        #: the task source; None while the settings alone are checked (build.py binds it after)
         self.source = source
-        self.shots = shots
-        self.queries = queries
-        self.meta_batch_size = meta_batch_size
-        self.ways = ways
+        self.shots = options.integer("shots", shots, "labelled support examples per class, or per task for regression")
+        self.queries = options.integer("queries", queries, "query examples per class, or per task for regression", optional=True)
+        self.meta_batch_size = options.integer("meta_batch_size", meta_batch_size, "tasks per meta-iteration")
+        self.ways = options.integer("ways", ways, "classes per task", minimum=2, optional=True)
+        options.integer("train_shots", train_shots, "support examples per class in meta-training tasks", optional=True)
+        options.integer("train_ways", train_ways, "classes per meta-training task", minimum=2, optional=True)
         self.train_shots = train_shots or shots
         #: classes per meta-training task (Prototypical Networks train with more than they test with)
         self.train_ways = train_ways or ways

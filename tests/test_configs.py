@@ -62,11 +62,19 @@ def test_fomaml_is_maml_with_first_order(compose_cfg):
      ("seed", -1), ("eval.num_tasks", 0), ("algo.inner_steps", 1.5)],
 )
 def test_check_config_names_key_and_value(compose_cfg, key, value):
+    """The run's keys are checked by check_config; the others by the class that owns them, as it is
+    built (before the data is read for the sampler and the algorithm); either way the message names
+    the full key and the value."""
+    from metalearn_cli.build import build_tasks
+
     cfg = compose_cfg()
     OmegaConf.update(cfg, key, value, force_add=True)
     with pytest.raises(MetalearnError) as error:
-        check_config(cfg)
+        build_tasks(cfg)
     assert f"`{key}`" in str(error.value) and repr(value) in str(error.value)
+    owned = not key.startswith(("seed", "eval."))
+    if owned:  # checked once, by its owner: the run's own checks let it through
+        check_config(cfg)
 
 
 @pytest.mark.parametrize(

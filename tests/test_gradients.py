@@ -256,7 +256,7 @@ def test_maml_cosine_schedule_anneals_the_meta_learning_rate(setup, final):
     assert rates[4] == pytest.approx((1e-3 + final) / 2) and rates[8] == rates[10] == pytest.approx(final)
     constant = MAML(inner_lr=0.1, inner_steps=1, eval_inner_steps=1, outer_lr=1e-3).configure_optimizers(model.parameters(), 8)
     assert "lr_scheduler" not in constant and constant["optimizer"].param_groups[0]["lr"] == 1e-3
-    with pytest.raises(ValueError, match="outer_lr_schedule 'linear'"):
+    with pytest.raises(ValueError, match="outer_lr_schedule`: 'linear'"):
         MAML(inner_lr=0.1, inner_steps=1, eval_inner_steps=1, outer_lr=1e-3, outer_lr_schedule="linear")
 
 

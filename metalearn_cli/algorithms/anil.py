@@ -4,6 +4,7 @@ meta-gradient through the head's adaptation. The same as `algo=maml algo.inner_p
 
 from __future__ import annotations
 
+from metalearn_cli import options
 from metalearn_cli.algorithms.maml import MAML
 
 
@@ -12,5 +13,5 @@ class ANIL(MAML):
 
     def __init__(self, *args, inner_params: str = "head", **kwargs) -> None:
         if inner_params != "head":
-            raise ValueError(f"ANIL adapts only the head: inner_params must be 'head', not {inner_params!r} (use algo=maml for others)")
+            raise options.invalid("inner_params", inner_params, "head (ANIL adapts only the head; algo=maml adapts other sets)")
         super().__init__(*args, inner_params="head", **kwargs)

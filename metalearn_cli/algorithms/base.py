@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from metalearn_cli import batched
+from metalearn_cli import batched, options
 from metalearn_cli.algorithms.inner_optim import InnerSGD
 from metalearn_cli.execution import Execution
 from metalearn_cli.functional import FunctionalModel, TaskModel
@@ -110,6 +110,8 @@ class Algorithm(ABC):
     """
 
     name = "algorithm"
+    #: whether the algorithm adapts by an inner loop (ProtoNets do not: their inner settings are unused)
+    has_inner_loop = True
 
     def __init__(
         self,
@@ -121,11 +123,16 @@ class Algorithm(ABC):
         vectorize: str = "auto",
         task_chunk: int | str = "auto",
     ) -> None:
+        if self.has_inner_loop:
+            options.number("inner_lr", inner_lr, "the inner-loop learning rate")
+            options.integer("inner_steps", inner_steps, "inner-loop steps per task in meta-training")
+            options.integer("eval_inner_steps", eval_inner_steps, "adaptation steps at validation and test")
+            options.number("eval_inner_lr", eval_inner_lr, "the learning rate of adaptation at validation and test", optional=True)
         self.inner_lr = float(inner_lr)
         self.inner_steps = int(inner_steps)
         self.eval_inner_steps = int(eval_inner_steps)
         self.eval_inner_lr = float(eval_inner_lr if eval_inner_lr is not None else inner_lr)
-        self.outer_lr = float(outer_lr)
+        self.outer_lr = options.number("outer_lr", outer_lr, "the meta-optimizer's learning rate")
         self.execution = Execution(vectorize, task_chunk)
 
     # -- meta-training --------------------------------------------------------------------

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from metalearn_cli import options
 from metalearn_cli.algorithms.base import Algorithm, MetaStep
 from metalearn_cli.algorithms.inner_optim import InnerSGD
 from metalearn_cli.batched import expand
@@ -54,15 +55,10 @@ class Finetune(Algorithm):
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if head not in HEADS:
-            raise ValueError(f"unknown head {head!r}")
-        if pretrain_batch_size is not None and (
-            not isinstance(pretrain_batch_size, int) or isinstance(pretrain_batch_size, bool) or pretrain_batch_size < 1
-        ):
-            raise ValueError(f"pretrain_batch_size must be an integer >= 1 or null, not {pretrain_batch_size!r}")
+        self.head = options.choice("head", head, HEADS)
         #: images per pre-training batch (classification); None: the images of the sampled tasks
-        self.pretrain_batch_size = pretrain_batch_size
-        self.head = head
+        self.pretrain_batch_size = options.integer("pretrain_batch_size", pretrain_batch_size,
+                                                   "images per pre-training batch, or null", optional=True)
         self.finetune_backbone = bool(finetune_backbone)
         self.eval_momentum = float(eval_momentum)
         self.eval_weight_decay = float(eval_weight_decay)

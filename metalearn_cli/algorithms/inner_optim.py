@@ -74,6 +74,10 @@ class InnerAdam:
         return new, {"t": t, "m": m, "v": v}
 
 
+#: algo.inner_optimizer / algo.eval_inner_optimizer (Reptile)
+INNER_OPTIMIZERS = ("sgd", "adam")
+
+
 def make_inner_optimizer(name: str, lr: float, betas: Sequence[float] = (0.0, 0.999), start: dict | None = None):
     """`start`: Adam's carried state (ignored by SGD, which has none without momentum)."""
     if name == "sgd":

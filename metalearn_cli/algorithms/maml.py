@@ -33,6 +33,7 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
+from metalearn_cli import options
 from metalearn_cli.algorithms.base import Algorithm, MetaStep, adapt, annealed
 from metalearn_cli.functional import INNER_PARAMS, FunctionalModel, TaskModel
 from metalearn_cli.tasks.base import Params, Tasks
@@ -55,17 +56,13 @@ class MAML(Algorithm):
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if inner_params not in INNER_PARAMS:
-            raise ValueError(f"unknown inner_params {inner_params!r}; allowed: {', '.join(INNER_PARAMS)}")
-        if outer_lr_schedule not in OUTER_LR_SCHEDULES:
-            raise ValueError(f"unknown outer_lr_schedule {outer_lr_schedule!r}; allowed: {', '.join(OUTER_LR_SCHEDULES)}")
-        if int(first_order_steps) != first_order_steps or first_order_steps < 0:
-            raise ValueError(f"first_order_steps must be an integer >= 0, got {first_order_steps!r}")
+        self.inner_params = options.choice("inner_params", inner_params, INNER_PARAMS)
+        self.outer_lr_schedule = options.choice("outer_lr_schedule", outer_lr_schedule, OUTER_LR_SCHEDULES)
+        self.outer_lr_final = options.number("outer_lr_final", outer_lr_final,
+                                             "the meta learning rate at the end of the schedule", strict=False)
+        self.first_order_steps = options.integer("first_order_steps", first_order_steps,
+                                                 "first-order meta-iterations at the start of the run", minimum=0)
         self.first_order = bool(first_order)
-        self.first_order_steps = int(first_order_steps)
-        self.outer_lr_schedule = outer_lr_schedule
-        self.outer_lr_final = float(outer_lr_final)
-        self.inner_params = inner_params
 
     def inner_keys(self, fmodel: FunctionalModel) -> list[str] | None:
         return None if self.inner_params == "all" else fmodel.inner_keys(self.inner_params)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from metalearn_cli import options
 from metalearn_cli.algorithms.base import adapt
 from metalearn_cli.algorithms.inner_optim import LearnedSGD
 from metalearn_cli.algorithms.learned_rates import LearnedRates
@@ -47,9 +48,7 @@ class MAMLpp(MAML):
 
     def __init__(self, *args, msl_steps: int = 0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if int(msl_steps) != msl_steps or msl_steps < 0:
-            raise ValueError(f"msl_steps must be an integer >= 0, got {msl_steps!r}")
-        self.msl_steps = int(msl_steps)
+        self.msl_steps = options.integer("msl_steps", msl_steps, "meta-iterations over which the multi-step loss anneals", minimum=0)
         self.rates: LearnedRates | None = None
 
     def extra_modules(self, model: nn.Module, source, sampler) -> dict[str, nn.Module]:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from metalearn_cli import options
 from metalearn_cli.algorithms.base import Algorithm, MetaStep
 from metalearn_cli.batched import expand
 from metalearn_cli.functional import FunctionalModel, TaskModel
@@ -32,17 +33,16 @@ def prototype_logits(support: Tensor, labels: Tensor, query: Tensor, ways: int) 
 
 class ProtoNet(Algorithm):
     name = "protonet"
+    has_inner_loop = False
 
     def __init__(self, outer_lr: float, lr_decay_steps: int = 0, lr_decay: float = 0.5,
                  vectorize: str = "auto", task_chunk: int | str = "auto") -> None:
         super().__init__(inner_lr=0.0, inner_steps=0, eval_inner_steps=0, outer_lr=outer_lr,
                          vectorize=vectorize, task_chunk=task_chunk)
-        if int(lr_decay_steps) != lr_decay_steps or lr_decay_steps < 0:
-            raise ValueError(f"lr_decay_steps must be an integer >= 0, got {lr_decay_steps!r}")
-        if not 0 < lr_decay <= 1:
-            raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay!r}")
-        self.lr_decay_steps = int(lr_decay_steps)
-        self.lr_decay = float(lr_decay)
+        self.lr_decay_steps = options.integer("lr_decay_steps", lr_decay_steps, "meta-iterations between rate decays; 0: none", minimum=0)
+        self.lr_decay = options.number("lr_decay", lr_decay, "the factor applied to the rate at each decay, at most 1")
+        if self.lr_decay > 1:
+            raise options.invalid("lr_decay", lr_decay, "a number in (0, 1] (the factor applied to the rate at each decay)")
 
     def configure_optimizers(self, parameters, max_steps: int) -> dict:
         """Adam; with `lr_decay_steps`, its rate multiplied by `lr_decay` every that many meta-iterations

@@ -30,8 +30,9 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from metalearn_cli import options
 from metalearn_cli.algorithms.base import Algorithm, MetaStep, adapt, annealed
-from metalearn_cli.algorithms.inner_optim import make_inner_optimizer
+from metalearn_cli.algorithms.inner_optim import INNER_OPTIMIZERS, make_inner_optimizer
 from metalearn_cli.functional import FunctionalModel, TaskModel
 from metalearn_cli.tasks.base import Tasks
 
@@ -87,17 +88,20 @@ class Reptile(Algorithm):
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if inner_state not in INNER_STATES:
-            raise ValueError(f"unknown inner_state {inner_state!r}; allowed: {', '.join(INNER_STATES)}")
+        self.inner_optimizer = options.choice("inner_optimizer", inner_optimizer, INNER_OPTIMIZERS)
+        self.eval_inner_optimizer = options.choice("eval_inner_optimizer", eval_inner_optimizer, INNER_OPTIMIZERS)
+        self.inner_batch_size = options.integer("inner_batch_size", inner_batch_size, "support examples per inner step", optional=True)
+        self.eval_inner_batch_size = options.integer("eval_inner_batch_size", eval_inner_batch_size,
+                                                     "support examples per adaptation step at validation and test", optional=True)
+        self.outer_lr_final = options.number("outer_lr_final", outer_lr_final, "the meta step size at the last meta-iteration", strict=False)
+        self.inner_state = options.choice("inner_state", inner_state, INNER_STATES)
         if inner_state == "carry" and inner_optimizer != "adam":
-            raise ValueError(f"inner_state='carry' carries Adam's moments, but the inner optimizer is {inner_optimizer!r}; use adam or reset")
-        self.inner_optimizer = inner_optimizer
+            raise options.OptionError(
+                f"`{{p}}inner_state=carry` carries Adam's moments from task to task, but "
+                f"`{{p}}inner_optimizer` is {inner_optimizer!r}, which has no state to carry. "
+                "Allowed: {p}inner_state=reset, or {p}inner_optimizer=adam."
+            )
         self.inner_betas = tuple(inner_betas)
-        self.inner_batch_size = inner_batch_size
-        self.eval_inner_batch_size = eval_inner_batch_size
-        self.eval_inner_optimizer = eval_inner_optimizer
-        self.outer_lr_final = float(outer_lr_final)
-        self.inner_state = inner_state
         self.carried: CarriedAdamState | None = None
 
     def extra_modules(self, model: nn.Module, source, sampler) -> dict[str, nn.Module]:

@@ -12,10 +12,14 @@ from dataclasses import dataclass
 
 import torch
 
-from metalearn_cli.config_checks import TRAIN_ON_CHOICES
+from metalearn_cli import options
 from metalearn_cli.data.base import SPLITS, TaskSource
 from metalearn_cli.errors import MetalearnError
 from metalearn_cli.tasks import CLASSIFICATION, TaskBatch
+
+
+#: data.train_on: the classes meta-training draws from
+TRAIN_ON_CHOICES = ("train", "trainval")
 
 
 @dataclass
@@ -85,9 +89,7 @@ class ImageTasks(TaskSource):
         missing = [s for s in SPLITS if s not in splits]
         if missing:
             raise ValueError(f"missing splits {missing}")
-        if train_on not in TRAIN_ON_CHOICES:
-            raise MetalearnError(f"invalid value for `data.train_on`: {train_on!r}. Allowed: {', '.join(TRAIN_ON_CHOICES)} "
-                                 "(the classes meta-training draws from).")
+        options.choice("train_on", train_on, TRAIN_ON_CHOICES)
         if train_on == "trainval":
             shared = sorted(set(splits["val"].names) & set(splits["test"].names))
             if shared:
