@@ -15,12 +15,11 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from metalearn_cli import options
 from metalearn_cli.algorithms.base import adapt
-from metalearn_cli.algorithms.inner_optim import LearnedSGD
-from metalearn_cli.algorithms.learned_rates import LearnedRates
+from metalearn_cli.algorithms.learned_rates import LearnsInnerRates
 from metalearn_cli.algorithms.maml import MAML
 from metalearn_cli.functional import TaskModel
 from metalearn_cli.tasks.base import Params, Tasks
@@ -43,28 +42,16 @@ def msl_weights(steps: int, iteration: int, msl_steps: int) -> Tensor:
     return weights
 
 
-class MAMLpp(MAML):
+class MAMLpp(LearnsInnerRates, MAML):
     name = "mamlpp"
+    per_step = True
 
     def __init__(self, *args, msl_steps: int = 0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.msl_steps = options.integer("msl_steps", msl_steps, "meta-iterations over which the multi-step loss anneals", minimum=0)
-        self.rates: LearnedRates | None = None
 
-    def extra_modules(self, model: nn.Module, source, sampler) -> dict[str, nn.Module]:
-        self.rates = LearnedRates(model, self.inner_lr, lambda p: (self.inner_steps,))
-        return {"inner_rates": self.rates}
-
-    def _rates(self) -> LearnedRates:
-        if self.rates is None:
-            raise RuntimeError("MAMLpp needs its learned rates: call extra_modules(model, ...) first")
-        return self.rates
-
-    def inner_update(self):
-        return LearnedSGD(self._rates().by_name(), per_step=True)
-
-    def eval_optimizer(self):
-        return LearnedSGD({k: v.detach() for k, v in self._rates().by_name().items()}, per_step=True)
+    def rate_shape(self, parameter):
+        return (self.inner_steps,)  # one rate per layer (parameter tensor) and inner step
 
     def eval_protocol(self) -> dict:
         return {**super().eval_protocol(), "eval_inner_lr": "learned (per layer and step)"}

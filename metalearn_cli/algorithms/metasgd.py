@@ -11,34 +11,15 @@ meta-rate schedule) is MAML's.
 
 from __future__ import annotations
 
-from torch import nn
-
-from metalearn_cli.algorithms.inner_optim import LearnedSGD
-from metalearn_cli.algorithms.learned_rates import LearnedRates
+from metalearn_cli.algorithms.learned_rates import LearnsInnerRates
 from metalearn_cli.algorithms.maml import MAML
 
 
-class MetaSGD(MAML):
+class MetaSGD(LearnsInnerRates, MAML):
     name = "metasgd"
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.rates: LearnedRates | None = None
-
-    def extra_modules(self, model: nn.Module, source, sampler) -> dict[str, nn.Module]:
-        self.rates = LearnedRates(model, self.inner_lr, lambda p: p.shape)
-        return {"inner_rates": self.rates}
-
-    def _rates(self) -> LearnedRates:
-        if self.rates is None:
-            raise RuntimeError("MetaSGD needs its learned rates: call extra_modules(model, ...) first")
-        return self.rates
-
-    def inner_update(self):
-        return LearnedSGD(self._rates().by_name())
-
-    def eval_optimizer(self):
-        return LearnedSGD({k: v.detach() for k, v in self._rates().by_name().items()})
+    def rate_shape(self, parameter):
+        return parameter.shape  # one rate per parameter entry
 
     def eval_protocol(self) -> dict:
         return {**super().eval_protocol(), "eval_inner_lr": "learned (per parameter entry)"}
