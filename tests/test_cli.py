@@ -15,7 +15,7 @@ def run_folders(root: Path) -> list[Path]:
 
 def test_help_lists_config_groups_and_options(run_cli):
     out = run_cli("train", "--help", check=True).stdout
-    assert "algo: finetune, fomaml, maml, reptile" in out
+    assert "algo: anil, finetune, fomaml, maml, mamlpp, metasgd, protonet, reptile" in out
     assert "data: cifar_fs, folder, miniimagenet, mnist, omniglot, sinusoid" in out
     assert "model: conv4, mlp" in out and "logger: csv, tensorboard" in out
     assert "trainer: cpu, ddp, ddp_cpu, default, gpu" in out and "hparams_search: optuna" in out
