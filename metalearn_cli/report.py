@@ -244,7 +244,7 @@ def plot_sinusoid(runs: list[dict], out: Path, title: str, max_runs: int = 12) -
         ax.plot(grid, amplitude[0] * torch.sin(grid - phase[0]), color="red", label="ground truth")
         ax.plot(grid, fmodel(params, grid).detach(), ":", color="green", label="pre-update")
         for step in range(1, 11):
-            grads = torch.func.grad(fmodel.loss)(params, x_support, y_support, step - 1)
+            grads = torch.func.grad(lambda p: torch.nn.functional.mse_loss(fmodel(p, x_support, step - 1), y_support))(params)
             params, state = optimizer.step(params, grads, state)
             if step in (1, 10):
                 ax.plot(grid, fmodel(params, grid).detach(), "--" if step == 1 else "-",

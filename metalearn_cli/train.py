@@ -27,6 +27,21 @@ def group_choices() -> dict:
     return {k: v for k, v in choices.items() if not k.startswith("hydra")}
 
 
+def seed_everything(seed: int) -> None:
+    """What pytorch_lightning.seed_everything(seed, workers=True) does, without importing Lightning."""
+    import os
+    import random
+
+    import numpy as np
+    import torch
+
+    os.environ["PL_GLOBAL_SEED"] = str(seed)
+    os.environ["PL_SEED_WORKERS"] = "1"
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def train(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     check_config(cfg)  # first, and before torch and Lightning are imported: bad input fails in a second
@@ -41,7 +56,8 @@ def train(cfg: DictConfig) -> float | None:
                                run_dirs=(str(run_dir_of_checkpoint(cfg.ckpt_path)), str(run_dir)))
         if changed:
             print(f"Resuming {cfg.ckpt_path} with settings that differ from its run's: {'; '.join(changed)}.", file=sys.stderr)
-    tasks = build_tasks(cfg)  # the data and shape checks, before Lightning is imported
+    seed_everything(int(cfg.seed))  # before build_tasks builds the model, whose initialisation it fixes
+    tasks = build_tasks(cfg)  # every owner's checks, before Lightning is imported
     import pytorch_lightning as pl
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -53,7 +69,6 @@ def train(cfg: DictConfig) -> float | None:
     from metalearn_cli.stats import format_table
     from metalearn_cli.summary import describe_result, run_summary
 
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     quiet_third_party()
     experiment = build_experiment(cfg, choices, tasks)
     trainer = build_trainer(cfg, run_dir, experiment, training=True)

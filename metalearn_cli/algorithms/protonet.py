@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metalearn_cli import options
+from metalearn_cli.errors import MetalearnError
 from metalearn_cli.algorithms.base import Algorithm, MetaStep
 from metalearn_cli.batched import expand
 from metalearn_cli.functional import FunctionalModel, TaskModel
@@ -43,6 +44,12 @@ class ProtoNet(Algorithm):
         self.lr_decay = options.number("lr_decay", lr_decay, "the factor applied to the rate at each decay, at most 1")
         if self.lr_decay > 1:
             raise options.invalid("lr_decay", lr_decay, "a number in (0, 1] (the factor applied to the rate at each decay)")
+
+    def extra_modules(self, model, source, sampler) -> dict:
+        if source.objective.name != "classification":  # refused at build, before any training
+            raise MetalearnError(f"`algo=protonet` classifies by class prototypes, but `data={source.name}` is a "
+                                 f"{source.objective.name} data set. Allowed: a classification data set (omniglot, folder, mnist, cifar_fs, miniimagenet).")
+        return {}
 
     def configure_optimizers(self, parameters, max_steps: int) -> dict:
         """Adam; with `lr_decay_steps`, its rate multiplied by `lr_decay` every that many meta-iterations

@@ -89,7 +89,8 @@ class ImageTasks(TaskSource):
         missing = [s for s in SPLITS if s not in splits]
         if missing:
             raise ValueError(f"missing splits {missing}")
-        options.choice("train_on", train_on, TRAIN_ON_CHOICES)
+        if train_on not in TRAIN_ON_CHOICES:  # named in full: folder data sets are built outside build.py too
+            raise MetalearnError(str(options.invalid("data.train_on", train_on, ", ".join(TRAIN_ON_CHOICES))))
         if train_on == "trainval":
             shared = sorted(set(splits["val"].names) & set(splits["test"].names))
             if shared:
