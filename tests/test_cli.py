@@ -1,44 +1,49 @@
-"""The installed `metalearn` command, run in a subprocess from a temporary directory."""
+"""The `metalearn` command: its help and config printing, a training run scored by `metalearn eval`,
+sweeps, resume, and every algorithm on the real Omniglot data.
+
+Commands run in the test process (conftest.metalearn_in_process) unless the process is the point:
+the installed console script run from a temporary directory, and the -m sweep. (Other real
+`metalearn` processes train and evaluate in test_robustness, test_interrupts, test_distributed and
+test_sweeps.)"""
 
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
-from conftest import FAST
+from conftest import FAST, run_folders
 
 
-def run_folders(root: Path) -> list[Path]:
-    return sorted(p.parent.parent for p in root.rglob(".hydra/config.yaml"))
-
-
-def test_help_lists_config_groups_and_options(run_cli):
-    out = run_cli("train", "--help", check=True).stdout
+def test_help_lists_config_groups_and_options(metalearn):
+    out = metalearn("train", "--help", check=True).stdout
     assert "algo: anil, finetune, fomaml, maml, mamlpp, metasgd, protonet, reptile" in out
     assert "data: cifar_fs, folder, miniimagenet, mnist, omniglot, sinusoid" in out
     assert "model: conv4, mlp" in out and "logger: csv, tensorboard" in out
     assert "trainer: cpu, ddp, ddp_cpu, default, gpu" in out and "hparams_search: optuna" in out
-    assert "usage: metalearn" in run_cli("--help", check=True).stdout
+    assert "usage: metalearn" in metalearn("--help", check=True).stdout
 
 
-def test_cfg_job_prints_the_composed_config_and_runs_nothing(run_cli, tmp_path):
-    proc = run_cli("train", "algo=reptile", "sampler.shots=3", "--cfg", "job", check=True)
+def test_cfg_job_prints_the_composed_config_and_runs_nothing(metalearn, tmp_path):
+    proc = metalearn("train", "algo=reptile", "sampler.shots=3", "--cfg", "job", check=True)
     cfg = yaml.safe_load(proc.stdout)
     assert cfg["algo"]["_target_"].endswith("Reptile") and cfg["sampler"]["shots"] == 3
     assert not (tmp_path / "outputs").exists()
 
 
 def test_configs_are_found_from_any_directory(run_cli, tmp_path):
+    """The installed console script, started from an empty temporary directory."""
     out = run_cli("train", "--info", "searchpath", check=True).stdout
     assert "pkg://metalearn_cli.configs" in out
 
 
-def test_train_then_eval(run_cli, tmp_path):
-    proc = run_cli("train", *FAST, check=True)
-    [run] = run_folders(tmp_path / "outputs")
+def test_train_then_eval(metalearn, tmp_path, trained_run):
+    """`metalearn train` (conftest's trained_run, shared with the other tests that need a checkpoint),
+    then `metalearn eval`."""
+    run = trained_run.folder
     assert run.parent.parent.name == "outputs"  # outputs/<date>/<time>
-    last_line = proc.stdout.strip().splitlines()[-1]
+    last_line = trained_run.stdout.strip().splitlines()[-1]
     assert last_line.startswith("test mse after 10 steps") and str(run) in last_line
 
     assert (run / ".hydra" / "overrides.yaml").exists()
@@ -53,8 +58,9 @@ def test_train_then_eval(run_cli, tmp_path):
     test = json.loads((run / "test.json").read_text())
     assert test["num_tasks"] == 8 and len(test["per_step"]) == 11
 
-    proc = run_cli("eval", f"ckpt={run}/checkpoints/last.ckpt", "algo.eval_inner_steps=3",
-                   "eval.num_tasks=12", "sampler.shots=3", check=True)
+    run = trained_run.copy_to(tmp_path / "run")  # eval writes into the run folder: the shared run stays as it is
+    proc = metalearn("eval", f"ckpt={run}/checkpoints/last.ckpt", "algo.eval_inner_steps=3",
+                     "eval.num_tasks=12", "sampler.shots=3", check=True)
     report = json.loads((run / "eval.json").read_text())
     for key in ("metric", "mean", "ci95", "num_tasks", "inner_steps", "per_step", "ckpt", "algo", "data"):
         assert key in report
@@ -66,10 +72,10 @@ def test_train_then_eval(run_cli, tmp_path):
     assert "± " in proc.stdout and "step" in proc.stdout
 
     # the default eval scores 600 tasks (not the 8 of the short training run); same tasks each time
-    run_cli("eval", f"ckpt={run}/checkpoints/best.ckpt", "algo.eval_inner_steps=1", check=True)
+    metalearn("eval", f"ckpt={run}/checkpoints/best.ckpt", "algo.eval_inner_steps=1", check=True)
     first = json.loads((run / "eval.json").read_text())
     assert first["num_tasks"] == 600
-    run_cli("eval", f"ckpt={run}/checkpoints/best.ckpt", "algo.eval_inner_steps=1", check=True)
+    metalearn("eval", f"ckpt={run}/checkpoints/best.ckpt", "algo.eval_inner_steps=1", check=True)
     assert json.loads((run / "eval.json").read_text())["per_step"] == first["per_step"]
     # eval.json is the latest; evals.jsonl keeps every evaluation, the 5-shot one included
     history = [json.loads(line) for line in (run / "evals.jsonl").read_text().splitlines()]
@@ -94,13 +100,13 @@ def test_multirun_writes_one_folder_per_job(run_cli, tmp_path):
     assert seen == {("algo=maml", "seed=0"), ("algo=maml", "seed=1"), ("algo=reptile", "seed=0"), ("algo=reptile", "seed=1")}
 
 
-def test_resume_continues_the_run(run_cli, tmp_path):
+def test_resume_continues_the_run(metalearn, tmp_path):
     common = ["trainer.val_check_interval=100", "trainer.enable_progress_bar=false", "eval.num_tasks=4",
               "eval.val_tasks=4", "checkpoint.every_n_steps=5"]
-    run_cli("train", "trainer.max_steps=10", *common, "hydra.run.dir=full", check=True)
-    run_cli("train", "trainer.max_steps=5", *common, "hydra.run.dir=first", check=True)
-    proc = run_cli("train", "trainer.max_steps=10", *common, "hydra.run.dir=resumed",
-                   f"ckpt_path={tmp_path}/first/checkpoints/last.ckpt", check=True)
+    metalearn("train", "trainer.max_steps=10", *common, "hydra.run.dir=full", check=True)
+    metalearn("train", "trainer.max_steps=5", *common, "hydra.run.dir=first", check=True)
+    proc = metalearn("train", "trainer.max_steps=10", *common, "hydra.run.dir=resumed",
+                     f"ckpt_path={tmp_path}/first/checkpoints/last.ckpt", check=True)
     assert "settings that differ from its run's: trainer.max_steps: 5 -> 10." in proc.stderr  # and nothing else
     full = torch.load(tmp_path / "full/checkpoints/last.ckpt", weights_only=True)
     resumed = torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=True)
@@ -119,21 +125,18 @@ def omniglot_args(cache_dir):
             "eval.batch_tasks=3", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
 
 
-import pytest  # noqa: E402
-
-
 @pytest.mark.parametrize("algo", ["maml", "reptile", "finetune"])
-def test_omniglot_train_and_eval(run_cli, tmp_path, algo, omniglot_cache):
+def test_omniglot_train_and_eval(metalearn, tmp_path, algo, omniglot_cache):
     args = omniglot_args(omniglot_cache)
-    proc = run_cli("train", *args, f"algo={algo}", "algo.eval_inner_steps=2", "hydra.run.dir=run", check=True)
+    proc = metalearn("train", *args, f"algo={algo}", "algo.eval_inner_steps=2", "hydra.run.dir=run", check=True)
     assert "test acc after 2 steps" in proc.stdout.strip().splitlines()[-1]
     test = json.loads((tmp_path / "run" / "test.json").read_text())
     assert test["metric"] == "acc" and test["ways"] == 5 and test["shots"] == 1 and 0 <= test["mean"] <= 1
     assert Path(test["ckpt"]).name == "best.ckpt" and test["train_on"] == "train"
     # MAML's evaluation may adapt other parameters than its training did (ANIL-style scoring), on record
     extra = ["algo.inner_params=head"] if algo == "maml" else []
-    run_cli("eval", f"ckpt={tmp_path}/run/checkpoints/last.ckpt", "sampler.shots=5", "eval.num_tasks=4",
-            "algo.eval_inner_steps=1", *extra, check=True)
+    metalearn("eval", f"ckpt={tmp_path}/run/checkpoints/last.ckpt", "sampler.shots=5", "eval.num_tasks=4",
+              "algo.eval_inner_steps=1", *extra, check=True)
     report = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert report.get("inner_params") == ("head" if algo == "maml" else None)
     assert report["data"] == "omniglot" and report["shots"] == 5 and report["num_tasks"] == 4
@@ -143,8 +146,8 @@ def test_omniglot_train_and_eval(run_cli, tmp_path, algo, omniglot_cache):
     if algo == "finetune":  # which of Baseline / Baseline++ the number belongs to
         assert (report["head"], report["finetune_backbone"], report["eval_momentum"]) == ("linear", False, 0.9)
     if algo == "reptile":  # keys only Reptile's config has: eval composes with the checkpoint's algorithm
-        run_cli("eval", f"ckpt={tmp_path}/run/checkpoints/last.ckpt", "sampler.shots=5", "eval.num_tasks=4",
-                "algo.eval_inner_steps=1", "algo.eval_inner_optimizer=adam", "algo.eval_inner_batch_size=3", check=True)
+        metalearn("eval", f"ckpt={tmp_path}/run/checkpoints/last.ckpt", "sampler.shots=5", "eval.num_tasks=4",
+                  "algo.eval_inner_steps=1", "algo.eval_inner_optimizer=adam", "algo.eval_inner_batch_size=3", check=True)
         report = json.loads((tmp_path / "run" / "eval.json").read_text())
         assert (report["eval_inner_optimizer"], report["eval_inner_batch_size"]) == ("adam", 3)
         # tuning/reptile_omniglot carries Adam's state out of meta-training into each test task's adaptation
@@ -153,11 +156,11 @@ def test_omniglot_train_and_eval(run_cli, tmp_path, algo, omniglot_cache):
         assert report["eval_adam_start"] == "carried" and report["eval_adam_carried_steps"] == steps > 0
 
 
-def test_training_on_trainval_scores_the_last_checkpoint(run_cli, tmp_path, omniglot_cache):
+def test_training_on_trainval_scores_the_last_checkpoint(metalearn, tmp_path, omniglot_cache):
     """data.train_on=trainval meta-trains on the validation characters too, so validation no longer
     measures generalisation: the run scores last.ckpt, not the best-validation checkpoint."""
-    run_cli("train", *omniglot_args(omniglot_cache), "data.train_on=trainval", "algo.eval_inner_steps=1",
-                   "hydra.run.dir=run", check=True)
+    metalearn("train", *omniglot_args(omniglot_cache), "data.train_on=trainval", "algo.eval_inner_steps=1",
+              "hydra.run.dir=run", check=True)
     test = json.loads((tmp_path / "run" / "test.json").read_text())
     assert Path(test["ckpt"]) == tmp_path / "run" / "checkpoints" / "last.ckpt" and test["train_on"] == "trainval"
     assert (tmp_path / "run" / "checkpoints" / "best.ckpt").exists() and test["steps"] == 4

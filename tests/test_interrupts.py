@@ -1,5 +1,8 @@
 """Real signals sent to real training and scoring processes: a run stops cleanly and resumes exactly,
-and a stopped scoring says so instead of exiting 0."""
+and a stopped scoring says so instead of exiting 0.
+
+The process that receives the signal is always a real `metalearn` process (the installed command);
+the resume that follows runs in the test process (conftest.metalearn_in_process)."""
 
 import os
 import signal
@@ -48,7 +51,7 @@ def _wait_for_training(proc, tmp_path, run: str, timeout: float = 120) -> None:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_saves_last_ckpt_and_the_run_resumes(tmp_path, run_cli, signum):
+def test_a_signal_saves_last_ckpt_and_the_run_resumes(tmp_path, metalearn, signum):
     proc = _start(tmp_path, "trainer.max_steps=1000000", "trainer.log_every_n_steps=5", "hydra.run.dir=run")
     _wait_for_training(proc, tmp_path, "run")
     proc.send_signal(signum)
@@ -68,8 +71,8 @@ def test_a_signal_saves_last_ckpt_and_the_run_resumes(tmp_path, run_cli, signum)
     # no validation on the way out (Lightning validates when asked to stop early; val_check_interval is far away)
     assert "val/" not in (tmp_path / "run" / "metrics.csv").read_text()
     # it resumes and continues counting
-    run_cli("train", *COMMON, f"trainer.max_steps={stopped_at + 3}", f"ckpt_path={last}", "hydra.run.dir=resumed",
-            check=True)
+    metalearn("train", *COMMON, f"trainer.max_steps={stopped_at + 3}", f"ckpt_path={last}", "hydra.run.dir=resumed",
+              check=True)
     assert torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=True)["global_step"] == stopped_at + 3
 
 
@@ -169,12 +172,13 @@ def _catches(pid: int, signum: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's /proc to see when scoring starts")
-def test_sigterm_during_metalearn_eval_exits_143_and_writes_nothing(tmp_path, run_cli):
+def test_sigterm_during_metalearn_eval_exits_143_and_writes_nothing(tmp_path, trained_run):
     """Lightning's SIGTERM exception is a SystemExit without a code: uncaught, `metalearn eval` stopped by
     a time limit exited 0, wrote nothing and said nothing, so a job script took it for a success."""
-    run_cli("train", *COMMON, "trainer.max_steps=1", "hydra.run.dir=run", check=True)
+    trained_run.copy_to(tmp_path / "run")  # conftest's short training run, never evaluated
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     before = (tmp_path / "run" / "evals.jsonl").exists()
+    assert not before and not (tmp_path / "run" / "eval.json").exists()
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.Popen([metalearn_executable(), "eval", f"ckpt={ckpt}", "eval.num_tasks=3000", "eval.batch_tasks=1",
                              "algo.eval_inner_steps=50"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
