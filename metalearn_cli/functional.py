@@ -16,6 +16,9 @@ All three are plain autograd functions of `params`, so an inner loop differentia
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
@@ -73,6 +76,18 @@ class FunctionalModel:
     def _set_step(self, step: int) -> None:
         for layer in self.stat_layers:
             layer.step = step
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        """Forward passes of the module's own layers update the running batch-norm statistics (the
+        `loop` kernel or a plain call; never inside a transform or the inner loop's graph)."""
+        for layer in self.stat_layers:
+            layer.recording = True
+        try:
+            yield
+        finally:
+            for layer in self.stat_layers:
+                layer.recording = False
 
     def on(self, kernel: str) -> "TaskModel":
         return TaskModel(self, kernel)

@@ -168,16 +168,11 @@ class Algorithm(ABC):
         steps = self.inner_steps if per_step else 0
         theta = {k: v.detach() for k, v in fmodel.params().items()}
         model = fmodel.on("loop")  # the module's own forward, where MetaBatchNorm2d records
-        for layer in fmodel.stat_layers:
-            layer.recording = True
-        try:
+        with fmodel.recording():
             for i in range(tasks.num_tasks):
                 task = tasks.slice(i, i + 1)
                 adapted, _ = adapt(model, theta, task, steps, self.inner_update(), self.inner_keys(fmodel))
                 task.support_loss(model, adapted, steps)
-        finally:
-            for layer in fmodel.stat_layers:
-                layer.recording = False
         for layer in fmodel.stat_layers:  # steps never seen in training reuse the last one
             if layer.mode == "per_step" and steps + 1 < layer.running_mean.shape[0]:
                 layer.running_mean[steps + 1 :] = layer.running_mean[steps]

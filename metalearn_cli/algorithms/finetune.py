@@ -103,14 +103,8 @@ class Finetune(Algorithm):
         if not self._pretraining() or not fmodel.stat_layers:
             return super().record_statistics(fmodel, tasks)
         theta = {k: v.detach() for k, v in fmodel.params().items()}
-        for layer in fmodel.stat_layers:
-            layer.recording = True
-        try:
-            with torch.no_grad():
-                fmodel(theta, supervised(tasks, self.name).support_x.flatten(0, 1), 0, features_only=True)
-        finally:
-            for layer in fmodel.stat_layers:
-                layer.recording = False
+        with fmodel.recording(), torch.no_grad():
+            fmodel(theta, supervised(tasks, self.name).support_x.flatten(0, 1), 0, features_only=True)
         for layer in fmodel.stat_layers:  # no inner loop in pre-training: every step uses step 0's
             layer.running_mean[1:] = layer.running_mean[0]
             layer.running_var[1:] = layer.running_var[0]

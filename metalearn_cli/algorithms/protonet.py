@@ -82,20 +82,14 @@ class ProtoNet(Algorithm):
             return self.execution.run(lambda model, part: self.scores(model, theta, part)[1].unsqueeze(1), fmodel, tasks)
 
     def record_statistics(self, fmodel: FunctionalModel, tasks: Tasks) -> None:
-        """Running batch-norm statistics (model.bn=frozen) from the support and query embeddings."""
+        """Running batch-norm statistics (model.bn=frozen) from the support sets' embeddings."""
         if not fmodel.stat_layers:
             return
         theta = {k: v.detach() for k, v in fmodel.params().items()}
         model = fmodel.on("loop")
-        for layer in fmodel.stat_layers:
-            layer.recording = True
-        try:
-            with torch.no_grad():
-                for i in range(tasks.num_tasks):
-                    labelled(tasks).slice(i, i + 1).features(model, expand(theta, 1), "support")
-        finally:
-            for layer in fmodel.stat_layers:
-                layer.recording = False
+        with fmodel.recording(), torch.no_grad():
+            for i in range(tasks.num_tasks):
+                labelled(tasks).slice(i, i + 1).features(model, expand(theta, 1), "support")
 
     def eval_protocol(self) -> dict:
         return {"eval_inner_lr": None, "eval_inner_optimizer": None, "eval_inner_batch_size": None,
