@@ -1,11 +1,16 @@
 """Any folder of images, one sub-folder per class: `root/<class>/<image>`, as a task distribution.
 
-Every non-hidden sub-folder of `root` is a class; its image files (png, jpg, jpeg, bmp, gif,
-webp, any case; hidden files ignored) are its examples. Images are decoded once, converted to
-`channels` (1: grey, 3: RGB), resized to `image_size` x `image_size` (Lanczos; the aspect ratio is
-not kept, as in the usual miniImageNet preprocessing) and cached as uint8 tensors; the cache key
-is a fingerprint of every image file used, the size and the channels, so an edited tree is decoded
-again.
+Every non-hidden sub-folder of `root` is a class; its image files are its examples. An image file
+is one Pillow can read, whatever its format (PNG, JPEG, TIFF, BMP, PGM/PPM/PBM, GIF, WebP, ...):
+a file whose suffix Pillow registers for a format it decodes is an image (and must decode, else
+the run stops naming it); a file with another suffix, or none, is an image if Pillow recognises its
+contents. Hidden files and the text, table, archive and video suffixes of `NOT_IMAGES` are skipped
+without a look. Images are decoded once (`cache.decode_image`: first frame of a multi-frame file,
+16-bit and float pixels scaled by their type's range or by `max_value`, transparency over black),
+converted to `channels` (1: grey, 3: RGB), resized to `image_size` x `image_size` (Lanczos; the
+aspect ratio is not kept, as in the usual miniImageNet preprocessing) and cached as uint8 tensors;
+the cache key is a fingerprint of every image file used, the size, the channels and the decoding
+rules, so an edited tree is decoded again.
 
 Splits:
 * `splits` given: an explicit split, {"train": [...], "val": [...], "test": [...]} of class-folder
@@ -19,6 +24,7 @@ MNIST, CIFAR-FS and miniImageNet sources.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Mapping, Sequence
@@ -26,14 +32,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from metalearn_cli.data.base import SPLITS
-from metalearn_cli.data.cache import cached, decode_image, fingerprint
+from metalearn_cli.data.cache import DECODE_RULES, OutOfRange, cached, decode_image, fingerprint
 from metalearn_cli.data.images import ImageClasses, ImageTasks
 from metalearn_cli.errors import MetalearnError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+#: suffixes skipped without opening the file: what sits beside images in data folders and is never one
+NOT_IMAGES = frozenset({
+    ".txt", ".md", ".rst", ".json", ".jsonl", ".csv", ".tsv", ".yaml", ".yml", ".xml", ".html", ".htm", ".log", ".ini",
+    ".py", ".ipynb", ".pdf", ".db", ".zip", ".tar", ".gz", ".7z", ".npy", ".npz", ".pkl", ".pt", ".mat", ".h5", ".hdf",
+    ".mp4", ".avi", ".mov", ".mkv", ".mpg", ".mpeg",
+})
 DEFAULT_FRACTIONS = (0.64, 0.16, 0.20)
 
 
@@ -47,12 +58,41 @@ def class_folders(root: Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and not is_hidden(p)), key=lambda p: p.name)
 
 
-def image_files(folder: Path) -> list[Path]:
-    """The non-hidden image files directly in `folder`, sorted by name (suffix case ignored)."""
-    return sorted(
-        (p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(p) and p.is_file()),
-        key=lambda p: p.name,
+@functools.lru_cache(maxsize=None)
+def readable_formats() -> frozenset[str]:
+    """The formats Pillow decodes; not those it only identifies (stubs that need a handler installed, MPEG)."""
+    Image.init()
+    return frozenset(
+        name for name, (factory, _) in Image.OPEN.items()
+        if name != "MPEG" and not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))
     )
+
+
+@functools.lru_cache(maxsize=None)
+def image_suffixes() -> frozenset[str]:
+    """The suffixes (lower case, with the dot) Pillow registers for the formats it decodes."""
+    formats = readable_formats()
+    return frozenset(s for s, name in Image.registered_extensions().items() if name in formats) - NOT_IMAGES
+
+
+def is_image(path: Path) -> bool:
+    """An image suffix (`image_suffixes`) makes a file an image; any other suffix but `NOT_IMAGES`, or none,
+    is asked of Pillow, which reads only the header."""
+    suffix = path.suffix.lower()
+    if suffix in NOT_IMAGES:
+        return False
+    if suffix in image_suffixes():
+        return True
+    try:
+        with Image.open(path) as image:
+            return image.format in readable_formats()
+    except Exception:  # unidentified, unreadable: not an image
+        return False
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The non-hidden image files (`is_image`) directly in `folder`, sorted by name."""
+    return sorted((p for p in folder.iterdir() if not is_hidden(p) and p.is_file() and is_image(p)), key=lambda p: p.name)
 
 
 def check_image_size(image_size: object, key: str = "data.image_size") -> int:
@@ -64,16 +104,21 @@ def check_image_size(image_size: object, key: str = "data.image_size") -> int:
     return image_size
 
 
-def decode_classes(files: dict[str, list[Path]], image_size: int, channels: int, root_key: str = "data.root") -> dict:
+def decode_classes(files: dict[str, list[Path]], image_size: int, channels: int, root_key: str = "data.root",
+                   max_value: float | None = None) -> dict:
     """{class: [files]} -> {"names", "counts", "pixels" uint8 [N, C, H, W]}, classes in the given order.
 
-    An image that cannot be decoded fails with a MetalearnError naming the file.
+    An image that cannot be decoded fails with a MetalearnError naming the file and the reason.
     """
     pixels: list[np.ndarray] = []
     for name, paths in files.items():
         for path in paths:
             try:
-                pixels.append(decode_image(path, image_size, channels))
+                pixels.append(decode_image(path, image_size, channels, max_value))
+            except OutOfRange as error:
+                raise MetalearnError(
+                    f"the image file {str(path)!r} (class {name!r} under `{root_key}`) cannot be scaled to 8 bits: {error}."
+                ) from None
             except Exception as error:  # PIL raises UnidentifiedImageError, OSError, ValueError, ...
                 raise MetalearnError(
                     f"the image file {str(path)!r} (class {name!r} under `{root_key}`) cannot be read ({error}). "
@@ -128,6 +173,7 @@ class ImageFolder(ImageTasks):
         split_seed: int = 0,
         cache_dir: str | None = None,
         train_on: str = "train",
+        max_value: float | None = None,
     ) -> None:
         image_size = check_image_size(image_size)
         if channels not in (1, 3) or isinstance(channels, bool):
@@ -135,13 +181,22 @@ class ImageFolder(ImageTasks):
                 f"invalid value for `data.channels`: {channels!r}. Allowed: 1 (grey) or 3 (RGB). "
                 "Set it on the command line, e.g. `data.channels=3`."
             )
+        if max_value is not None and (
+            not isinstance(max_value, (int, float)) or isinstance(max_value, bool) or not math.isfinite(max_value) or max_value <= 0
+        ):
+            raise MetalearnError(
+                f"invalid value for `data.max_value`: {max_value!r}. Allowed: null (16-bit pixels are divided by 257, "
+                "float pixels read as 0..1) or a number > 0, the pixel value of 16-bit, 32-bit and float images that "
+                "maps to white (255), e.g. `data.max_value=4095` for 12-bit scans."
+            )
         self.root = Path(str(root)).expanduser()
         available = self._classes()
         groups = self._explicit(splits, available) if splits is not None else self._by_fractions(available, fractions, split_seed)
         used = [name for split in SPLITS for name in groups[split]]
         files = {name: self._files(name) for name in used}
-        key = fingerprint([p for paths in files.values() for p in paths], image_size, channels, used)
-        data = cached(cache_dir, f"folder-{image_size}px-{channels}c", key, lambda: decode_classes(files, image_size, channels))
+        key = fingerprint([p for paths in files.values() for p in paths], image_size, channels, used, DECODE_RULES, max_value)
+        data = cached(cache_dir, f"folder-{image_size}px-{channels}c", key,
+                      lambda: decode_classes(files, image_size, channels, max_value=max_value))
         by_name = split_decoded(data)
         built = {s: ImageClasses.from_lists([by_name[c] for c in groups[s]], groups[s]) for s in SPLITS}
         super().__init__(built, name="folder", invert=False, train_on=train_on)
@@ -163,12 +218,14 @@ class ImageFolder(ImageTasks):
         return names
 
     def _files(self, name: str) -> list[Path]:
-        files = image_files(self.root / name)
+        folder = self.root / name
+        files = image_files(folder)
         if not files:
+            others = sorted(p.name for p in folder.iterdir() if not is_hidden(p) and p.is_file())
+            seen = f"files there: {', '.join(others[:5])}{', ...' if len(others) > 5 else ''}" if others else "no other files but hidden ones"
             raise MetalearnError(
-                f"the class folder {name!r} under `data.root` = {str(self.root)!r} holds no readable images "
-                f"(looked for {', '.join(IMAGE_SUFFIXES)}, any case, not hidden). Add images to it, delete it, "
-                "or leave it out of `data.splits`."
+                f"the class folder {name!r} under `data.root` = {str(self.root)!r} holds no images Pillow can read "
+                f"({seen}). Add images to it, delete it, or leave it out of `data.splits`."
             )
         return files
 
