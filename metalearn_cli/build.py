@@ -60,6 +60,12 @@ def _build(cfg: DictConfig, group: str, **kwargs):
         raise
 
 
+def build_part(cfg: DictConfig, group: str, **kwargs):
+    """One config group alone, checked like the rest: the data and the sampler `metalearn eval` scores with
+    where they are not the checkpoint's (another data set, another number of classes)."""
+    return _build(cfg, group, **kwargs)
+
+
 @dataclass
 class Parts:
     """What a user's settings can get wrong, built and checked before Lightning is imported."""
@@ -168,10 +174,4 @@ def build_trainer(cfg: DictConfig, run_dir: Path | None, experiment: Experiment,
             f"`trainer.devices` = {cfg.trainer.get('devices')!r}: {detail} "
             "Use devices this machine has (e.g. trainer=cpu, or trainer.devices=1)."
         ) from None
-    if training and cfg.sampler.meta_batch_size % trainer.world_size:
-        raise MetalearnError(
-            f"`sampler.meta_batch_size` = {cfg.sampler.meta_batch_size} cannot be split evenly across "
-            f"{trainer.world_size} processes (trainer.devices x trainer.num_nodes). Allowed: a multiple of "
-            f"{trainer.world_size}, so every rank takes the same share of each meta-batch."
-        )
     return trainer

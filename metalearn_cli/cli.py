@@ -1,4 +1,4 @@
-"""The `metalearn` command: `metalearn train ...` and `metalearn eval ...`.
+"""The `metalearn` command: `metalearn train ...`, `metalearn eval ...`, `metalearn episodes ...`.
 
 A thin dispatcher: it removes the subcommand from sys.argv and hands the rest to the Hydra app
 of that subcommand, so every Hydra flag (overrides, -m, --cfg, --help, --info, hydra.run.dir=)
@@ -12,10 +12,12 @@ import sys
 USAGE = """usage: metalearn <command> [hydra overrides and flags]
 
 commands:
-  train   meta-train a few-shot learner (default: MAML on sinusoid regression)
-  eval    score a checkpoint: metalearn eval ckpt=<run>/checkpoints/last.ckpt
-  bench   time our meta-iteration against the textbook per-task loop (metalearn bench --help)
-  report  tables and plots of a sweep: metalearn report multirun/<date>/<time>
+  train     meta-train a few-shot learner (default: MAML on sinusoid regression)
+  eval      score a checkpoint: metalearn eval ckpt=<run>/checkpoints/last.ckpt
+            (data=... on another data set; eval.episodes=FILE on the episodes of a file)
+  episodes  episode files: export a run's test tasks, make Omniglot within-alphabet episodes (metalearn episodes --help)
+  bench     time our meta-iteration against the textbook per-task loop (metalearn bench --help)
+  report    tables and plots of a sweep: metalearn report multirun/<date>/<time>
 
 Each command takes Hydra overrides (algo=reptile seed=3), -m for sweeps, --cfg job, --help, --info.
 """
@@ -79,6 +81,7 @@ def misused_tuning(args: list[str]) -> str | None:
 COMMANDS = {
     "train": "metalearn_cli.train",
     "eval": "metalearn_cli.evaluate",
+    "episodes": "metalearn_cli.episode_commands",
     "bench": "metalearn_cli.bench",
     "report": "metalearn_cli.report",
 }

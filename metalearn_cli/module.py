@@ -1,5 +1,6 @@
 """The Lightning module: one training step is one meta-iteration; validation and test adapt
-to fixed tasks and report the metric after each inner step with a 95% confidence interval."""
+to fixed tasks and report the metric after each inner step, and the task's further scores after the
+last (classification: macro-F1, mean per-class recall), with 95% confidence intervals."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import torch
 from pytorch_lightning.plugins.precision import Precision
 from torch import nn
 
-from metalearn_cli.algorithms.base import Algorithm
+from metalearn_cli.algorithms.base import Algorithm, Evaluation
 from metalearn_cli.functional import FunctionalModel
-from metalearn_cli.distributed import all_reduce_mean_, gather_rows
+from metalearn_cli.distributed import all_reduce_advance_, all_reduce_weighted_mean_, gather_rows, is_distributed
 from metalearn_cli.errors import MetalearnError
 from metalearn_cli.run_folder import CHECKPOINT_KEY
 from metalearn_cli.stats import summarize
@@ -42,10 +43,12 @@ class MetaLearner(pl.LightningModule):
         self.fmodel = FunctionalModel(self.model)
         self.metadata = metadata
         self.automatic_optimization = False  # Reptile's update is not a loss; MAML's is one backward
-        self._scores: dict[str, list[torch.Tensor]] = {"val": [], "test": []}
+        self._evaluations: dict[str, list[Evaluation]] = {"val": [], "test": []}
         self._plain_backward = False
         self._last_log_time: float | None = None
         self.summaries: dict[str, dict] = {}
+        #: the last evaluation's [tasks, steps + 1] scores per split, in the order the ranks' shares are gathered
+        self.task_scores: dict[str, torch.Tensor] = {}
 
     # -- optimisation ------------------------------------------------------------------------
     def on_train_start(self) -> None:
@@ -70,6 +73,8 @@ class MetaLearner(pl.LightningModule):
 
     def _meta_iteration(self, batch: Tasks) -> None:
         optimizer = self.optimizers()
+        counters = [b for b in self.buffers() if not b.is_floating_point()] if is_distributed() else []
+        before = [c.clone() for c in counters]
         step = self.algorithm.meta_step(self.fmodel, batch, iteration=self.global_step)
         optimizer.zero_grad(set_to_none=True)
         if step.loss is not None:
@@ -82,18 +87,26 @@ class MetaLearner(pl.LightningModule):
             for name, parameter in self.model.named_parameters():
                 parameter.grad = step.direction[name].to(parameter.dtype)
             self._check_finite(step.metrics["loss"])
-        all_reduce_mean_(p.grad for p in self.parameters())  # ranks hold equal shares of the meta-batch
+        # each rank's step is a mean over its part of the meta-batch: weighted by the parts' sizes, the
+        # ranks' gradients (and logged metrics) combine into the mean over the whole meta-batch
+        weight = step.weight_on(batch)
+        metrics = {k: v.detach().clone() for k, v in step.metrics.items()}
+        all_reduce_weighted_mean_([p.grad for p in self.parameters()] + list(metrics.values()), weight)
         optimizer.step()  # Lightning counts this call as one global step
         self.algorithm.record_statistics(self.fmodel, batch)
-        all_reduce_mean_(self.model.buffers())
-        all_reduce_mean_(b for b in self.extras.buffers() if b.is_floating_point())  # Reptile's carried Adam moments
+        # Running statistics (batch norm's, Reptile's carried Adam moments) are moving averages that one
+        # process updates task after task, which no mean of the ranks' reproduces exactly. Weighted, each
+        # rank's estimate counts as the tasks it saw, and a pre-training batch's running mean is exact
+        # (the update is linear in the batch mean, the share-weighted mean of the parts' means).
+        all_reduce_weighted_mean_([b for b in self.buffers() if b.is_floating_point()], weight)
+        all_reduce_advance_(counters, before)  # step counts: one process counts every rank's steps
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
         every = self.trainer.log_every_n_steps
         if self.global_step % every == 0:  # Lightning writes logs only then
             now = time.perf_counter()
-            values = {f"train/{k}": v for k, v in step.metrics.items()}
+            values = {f"train/{k}": v for k, v in metrics.items()}
             values["train/lr"] = optimizer.param_groups[0]["lr"]
             if self._last_log_time is not None:
                 values["train/seconds_per_iteration"] = (now - self._last_log_time) / every
@@ -118,25 +131,26 @@ class MetaLearner(pl.LightningModule):
 
     # -- evaluation -------------------------------------------------------------------------
     def _eval_step(self, split: str, batch: Tasks) -> None:
-        self._scores[split].append(self.algorithm.evaluate(self.fmodel, batch))
+        self._evaluations[split].append(self.algorithm.evaluation(self.fmodel, batch))
 
     def _eval_end(self, split: str) -> dict:
-        scores = torch.cat(self._scores[split]) if self._scores[split] else torch.empty(0)
-        self._scores[split] = []
-        parts = [p for p in gather_rows(scores) if p.numel()]  # each rank scored its own share of the tasks
-        scores = torch.cat([p.reshape(-1, parts[0].shape[-1]) for p in parts])
-        summary = summarize(scores.cpu(), self.objective.metric_name)
+        evaluations, self._evaluations[split] = self._evaluations[split], []
+        scores = _gathered([e.scores for e in evaluations])
+        self.task_scores[split] = scores.cpu()
+        # every rank gathers the same names, in the same order, whether or not it scored any task
+        report = {name: _gathered([e.report[name] for e in evaluations]).cpu() for name in self.objective.report_names}
+        summary = summarize(scores.cpu(), self.objective.metric_name, report)
         self.summaries[split] = summary
         name = self.objective.metric_name
-        self.log_dict(
-            {
-                f"{split}/{name}": summary["mean"],
-                f"{split}/{name}_ci95": summary["ci95"],
-                f"{split}/{name}_step0": summary["per_step"][0]["mean"],
-            },
-            sync_dist=False,
-            rank_zero_only=True,
-        )
+        values = {
+            f"{split}/{name}": summary["mean"],
+            f"{split}/{name}_ci95": summary["ci95"],
+            f"{split}/{name}_step0": summary["per_step"][0]["mean"],
+        }
+        for reported in report:
+            values[f"{split}/{reported}"] = summary[reported]["mean"]
+            values[f"{split}/{reported}_ci95"] = summary[reported]["ci95"]
+        self.log_dict(values, sync_dist=False, rank_zero_only=True)
         return summary
 
     def validation_step(self, batch: Tasks, batch_idx: int) -> None:
@@ -154,3 +168,10 @@ class MetaLearner(pl.LightningModule):
     # -- checkpoints ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[CHECKPOINT_KEY] = self.metadata
+
+
+def _gathered(rows: list[torch.Tensor]) -> torch.Tensor:
+    """The rows every rank holds (each rank scored its own share of the tasks, maybe none), in rank order."""
+    mine = torch.cat(rows) if rows else torch.empty(0)
+    parts = [p for p in gather_rows(mine) if p.numel()]
+    return torch.cat([p.reshape(-1, *parts[0].shape[1:]) for p in parts])

@@ -40,6 +40,23 @@ def generator_for(seed: int, split: str, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(seed, _SPLIT_CODES[split], index))
 
 
+def rank_share(total: int, rank: int, world_size: int, key: str) -> slice:
+    """Rank `rank`'s contiguous part of `total` items split across `world_size` ranks: the first
+    total % world_size ranks take total // world_size + 1 items, the others total // world_size, so
+    the parts in rank order are the whole. Ranks combine their results weighted by the parts' sizes
+    (`distributed.all_reduce_weighted_mean_`). A rank with nothing would have no loss to contribute,
+    and training on fewer items than ranks wastes ranks, so that is refused (`key` is the setting)."""
+    if total < world_size:
+        raise MetalearnError(
+            f"`{key}` = {total} is smaller than the {world_size} processes (trainer.devices x trainer.num_nodes) "
+            f"it is split across, so some would get nothing to train on. Allowed: at least {world_size}, "
+            "or fewer processes."
+        )
+    size, extra = divmod(total, world_size)
+    start = rank * size + min(rank, extra)
+    return slice(start, start + size + (rank < extra))
+
+
 class EpisodicSampler:
     """N-way (classification) or plain (regression) K-shot tasks with Q queries per class/task."""
 
@@ -74,19 +91,16 @@ class EpisodicSampler:
         )
         batch.seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         if world_size > 1:
-            per_rank = self.meta_batch_size // world_size
-            batch = batch.slice(rank * per_rank, (rank + 1) * per_rank)
+            share = rank_share(self.meta_batch_size, rank, world_size, "sampler.meta_batch_size")
+            batch = batch.slice(share.start, share.stop)
         return batch
 
     def pretrain_batch(self, seed: int, step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> TaskBatch:
         """Pre-training batch `step`: `batch_size` training images with their global class, as one task
         whose support set holds them (query empty) and whose `classes` is 0..C-1, so that
-        `classes.gather(1, support_y)` is the global label. With world_size > 1, this rank's share."""
-        if batch_size % world_size:
-            raise MetalearnError(
-                f"`algo.pretrain_batch_size` = {batch_size} cannot be split evenly across {world_size} processes "
-                f"(trainer.devices x trainer.num_nodes). Allowed: a multiple of {world_size}."
-            )
+        `classes.gather(1, support_y)` is the global label. With world_size > 1, this rank's share of
+        the images (`rank_share`; the pre-training loss is a mean over images, so ranks weigh theirs)."""
+        share = rank_share(batch_size, rank, world_size, "algo.pretrain_batch_size")
         if not hasattr(self.source, "labelled_images"):
             raise MetalearnError(
                 f"`algo.pretrain_batch_size` pre-trains on single labelled images, which {self.source.name} does not "
@@ -100,7 +114,6 @@ class EpisodicSampler:
             index[epochs == epoch] = self._epoch_order(seed, epoch, count)[within[epochs == epoch]]
         generator = torch.Generator().manual_seed(derive_seed(seed, _PRETRAIN_DRAWS, step))
         x, y = self.source.labelled_images("train", index, generator)  # the whole batch: every rank draws the same
-        share = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
         classes = torch.arange(self.source.num_classes("train")).unsqueeze(0)
         x, y = x[share].unsqueeze(0), y[share].unsqueeze(0)
         batch = TaskBatch(x, y, x[:, :0], y[:, :0], classes=classes, objective=CLASSIFICATION)
@@ -124,7 +137,7 @@ class EpisodicSampler:
             task = self.source.sample(split, generator, 1, self.ways, self.shots, self.queries)
             task.task_seeds = torch.randint(0, 2**62, (1,), generator=generator)  # drawn after the task: it stays the same
             tasks.append(task)
-        return TaskBatch.cat(tasks)
+        return type(tasks[0]).cat(tasks)
 
 
 class TrainStream(IterableDataset):

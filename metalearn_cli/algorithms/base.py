@@ -32,11 +32,33 @@ class MetaStep:
     Either `loss`, a differentiable meta-objective whose gradient the outer optimizer follows
     (MAML, FO-MAML, fine-tuning), or `direction`, an explicit per-parameter update direction that
     is used as the gradient (Reptile: theta - mean(adapted theta)).
+
+    `weight`: how many things `loss`, `direction` and `metrics` are means over (None: the tasks it was
+    computed on). Ranks that each hold part of a meta-batch combine their steps weighted by it, so
+    the result is the mean over the whole meta-batch however it was split.
     """
 
     loss: Tensor | None = None
     direction: Params | None = None
     metrics: dict[str, Tensor] = field(default_factory=dict)
+    weight: float | None = None
+
+    def weight_on(self, tasks: Tasks) -> float:
+        """`weight`, or the number of `tasks` (what the step was computed on)."""
+        return float(tasks.num_tasks if self.weight is None else self.weight)
+
+
+@dataclass
+class Evaluation:
+    """What evaluation by adaptation gives for T tasks.
+
+    scores: [T, steps + 1], column k the query metric after k adaptation steps (`Algorithm.evaluate`).
+    report: {name: [T]}, the task's further scores of its query set after the last step, from the same
+        predictions as the last column (`Tasks.query_report`: macro-F1 and mean per-class recall for
+        classification, nothing for regression)."""
+
+    scores: Tensor
+    report: dict[str, Tensor] = field(default_factory=dict)
 
 
 def adapt(
@@ -112,6 +134,14 @@ class Algorithm(ABC):
     name = "algorithm"
     #: whether the algorithm adapts by an inner loop (ProtoNets do not: their inner settings are unused)
     has_inner_loop = True
+    #: whether a task is scored through the model's own output layer, so that a classification task must
+    #: have as many classes as it has outputs (ProtoNets and the fine-tune baselines classify any number)
+    head_fixes_ways = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "evaluate" in cls.__dict__:  # the module calls `evaluation`: an override of `evaluate` would go unused
+            raise TypeError(f"{cls.__name__} overrides Algorithm.evaluate; override Algorithm.evaluation instead")
 
     def __init__(
         self,
@@ -192,10 +222,16 @@ class Algorithm(ABC):
         return None
 
     def evaluate(self, fmodel: FunctionalModel, tasks: Tasks, steps: int | None = None) -> Tensor:
+        """[T, steps + 1]: the query metric before and after each adaptation step (`evaluation`'s scores)."""
+        return self.evaluation(fmodel, tasks, steps).scores
+
+    def evaluation(self, fmodel: FunctionalModel, tasks: Tasks, steps: int | None = None) -> Evaluation:
         """Adapt to each task's support set and score its query set before and after each step.
 
-        Returns a [T, steps + 1] tensor of the task's metric: column k is the query metric after k
-        inner steps. Works inside Lightning's validation/test loops (which run under no_grad).
+        Returns the [T, steps + 1] scores (column k: the query metric after k inner steps) and the
+        task's report of the query predictions after the last step. Algorithms that evaluate
+        differently override this method (never `evaluate`, which only returns its scores). Works
+        inside Lightning's validation/test loops (which run under no_grad).
         """
         steps = self.eval_inner_steps if steps is None else steps
         theta = {k: v.detach() for k, v in fmodel.params().items()}
@@ -204,10 +240,21 @@ class Algorithm(ABC):
         indices = self.eval_support_indices(tasks, steps)
         extra = () if indices is None else (indices.to(tasks.device),)
 
-        def scores(model: TaskModel, part: Tasks, *index: Tensor) -> Tensor:
-            out = [part.query_metric(model, batched.expand(theta, part.num_tasks), 0)]
-            adapt(model, theta, part, steps, optimizer, keys, batches=index[0] if index else None,
-                  after_step=lambda step, params: out.append(part.query_metric(model, params, step)))
-            return torch.stack(out, dim=1)
+        def scores(model: TaskModel, part: Tasks, *index: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+            out: list[Tensor] = []
+            report: dict[str, Tensor] = {}
 
-        return self.execution.run(scores, fmodel, tasks, *extra).detach()
+            def score(step: int, params: Params) -> None:
+                if step < steps:
+                    out.append(part.query_metric(model, params, step))
+                else:  # the last step's predictions give the report too
+                    metric, last = part.query_metric_and_report(model, params, step)
+                    out.append(metric)
+                    report.update(last)
+
+            score(0, batched.expand(theta, part.num_tasks))
+            adapt(model, theta, part, steps, optimizer, keys, batches=index[0] if index else None, after_step=score)
+            return torch.stack(out, dim=1), report
+
+        scores, report = self.execution.run(scores, fmodel, tasks, *extra)
+        return Evaluation(scores.detach(), {name: value.detach() for name, value in report.items()})

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from metalearn_cli import options
-from metalearn_cli.algorithms.base import Algorithm, MetaStep
+from metalearn_cli.algorithms.base import Algorithm, Evaluation, MetaStep
 from metalearn_cli.algorithms.inner_optim import InnerSGD
 from metalearn_cli.batched import expand
 from metalearn_cli.errors import MetalearnError
@@ -82,6 +82,11 @@ class Finetune(Algorithm):
             self.classifier = nn.Linear(features, classes)
         return {"classifier": self.classifier}
 
+    @property
+    def head_fixes_ways(self) -> bool:
+        """Classification trains a new head per task (any number of classes); regression adapts the model."""
+        return self.classifier is None
+
     def configure_optimizers(self, parameters: Iterable[nn.Parameter], max_steps: int) -> dict:
         return {"optimizer": torch.optim.Adam(parameters, lr=self.outer_lr)}
 
@@ -123,7 +128,8 @@ class Finetune(Algorithm):
             prediction = self.classifier(fmodel.module(inputs, features_only=True))
         loss = objective.loss(prediction, targets)
         metric = objective.metric(prediction, targets).detach()
-        return MetaStep(loss=loss, metrics={"loss": loss.detach(), objective.metric_name: metric})
+        # a mean over pooled examples, not tasks: a rank's part of a pre-training batch weighs its images
+        return MetaStep(loss=loss, metrics={"loss": loss.detach(), objective.metric_name: metric}, weight=len(inputs))
 
     # -- test: a new head per task ---------------------------------------------------------
     def eval_protocol(self) -> dict:
@@ -131,9 +137,9 @@ class Finetune(Algorithm):
         return {**super().eval_protocol(), "head": self.head, "finetune_backbone": self.finetune_backbone,
                 "eval_momentum": self.eval_momentum, "eval_weight_decay": self.eval_weight_decay}
 
-    def evaluate(self, fmodel: FunctionalModel, tasks: Tasks, steps: int | None = None) -> Tensor:
+    def evaluation(self, fmodel: FunctionalModel, tasks: Tasks, steps: int | None = None) -> Evaluation:
         if self.classifier is None:
-            return super().evaluate(fmodel, tasks, steps)
+            return super().evaluation(fmodel, tasks, steps)
         tasks = supervised(tasks, self.name)
         steps = self.eval_inner_steps if steps is None else steps
         ways = int(tasks.support_y.max()) + 1
@@ -151,7 +157,7 @@ class Finetune(Algorithm):
                 return cosine_logits(feats, head["weight"], scale)
             return feats @ head["weight"].transpose(-1, -2) + head["bias"].unsqueeze(1)
 
-        def scores(model: TaskModel, part: TaskBatch, weight0: Tensor) -> Tensor:
+        def scores(model: TaskModel, part: TaskBatch, weight0: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
             if self.head == "cosine":  # scale * cos(feature, weight): no bias
                 head = {"weight": weight0}
             else:
@@ -169,12 +175,13 @@ class Finetune(Algorithm):
                 def forward(p: dict, which: str) -> Tensor:
                     return logits(p["head"], feats[which])
 
-            def metric(p: dict) -> Tensor:
+            def query(p: dict) -> Tensor:  # [T, Q, ways] logits, without a graph
                 with torch.no_grad():
-                    return objective.task_metric(forward(p, "query"), part.query_y)
+                    return forward(p, "query")
 
             state = optimizer.init(params)
-            out = [metric(params)]
+            predictions = query(params)
+            out = [objective.task_metric(predictions, part.query_y)]
             for _ in range(steps):
                 leaves = tree_map(lambda t: t.detach().requires_grad_(True), params)
                 with torch.enable_grad():
@@ -184,10 +191,12 @@ class Finetune(Algorithm):
                     grads = tree_unflatten(list(torch.autograd.grad(losses.sum(), flat, allow_unused=True, materialize_grads=True)), spec)
                 with torch.no_grad():
                     params, state = optimizer.step(tree_map(Tensor.detach, leaves), grads, state)
-                out.append(metric(params))
-            return torch.stack(out, dim=1)
+                predictions = query(params)
+                out.append(objective.task_metric(predictions, part.query_y))
+            return torch.stack(out, dim=1), objective.task_report(predictions, part.query_y)
 
-        return self.execution.run(scores, fmodel, tasks, init).detach()
+        scores, report = self.execution.run(scores, fmodel, tasks, init)
+        return Evaluation(scores.detach(), {name: value.detach() for name, value in report.items()})
 
 
 def supervised(tasks: Tasks, algorithm: str) -> TaskBatch:

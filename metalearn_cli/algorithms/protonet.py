@@ -19,7 +19,7 @@ from torch import Tensor
 
 from metalearn_cli import options
 from metalearn_cli.errors import MetalearnError
-from metalearn_cli.algorithms.base import Algorithm, MetaStep
+from metalearn_cli.algorithms.base import Algorithm, Evaluation, MetaStep
 from metalearn_cli.batched import expand
 from metalearn_cli.functional import FunctionalModel, TaskModel
 from metalearn_cli.tasks import TaskBatch, Tasks
@@ -35,6 +35,7 @@ def prototype_logits(support: Tensor, labels: Tensor, query: Tensor, ways: int) 
 class ProtoNet(Algorithm):
     name = "protonet"
     has_inner_loop = False
+    head_fixes_ways = False  # prototypes: one per class of the task, any number of them
 
     def __init__(self, outer_lr: float, lr_decay_steps: int = 0, lr_decay: float = 0.5,
                  vectorize: str = "auto", task_chunk: int | str = "auto") -> None:
@@ -60,13 +61,17 @@ class ProtoNet(Algorithm):
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, self.lr_decay_steps, self.lr_decay)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def query_logits(self, model: TaskModel, theta: dict, tasks: TaskBatch) -> Tensor:
+        """[T, Q, ways]: the prototype classifier's logits of each task's query set."""
+        params = expand(theta, tasks.num_tasks)
+        ways = int(tasks.support_y.max()) + 1
+        return prototype_logits(tasks.features(model, params, "support"), tasks.support_y,
+                                tasks.features(model, params, "query"), ways)
+
     def scores(self, model: TaskModel, theta: dict, tasks: Tasks) -> tuple[Tensor, Tensor]:
         """[T] query cross-entropies and [T] query accuracies of the prototype classifier."""
         tasks = labelled(tasks)
-        params = expand(theta, tasks.num_tasks)
-        ways = int(tasks.support_y.max()) + 1
-        logits = prototype_logits(tasks.features(model, params, "support"), tasks.support_y,
-                                  tasks.features(model, params, "query"), ways)
+        logits = self.query_logits(model, theta, tasks)
         return tasks.objective.task_loss(logits, tasks.query_y), tasks.objective.task_metric(logits.detach(), tasks.query_y)
 
     def meta_step(self, fmodel: FunctionalModel, tasks: Tasks, iteration: int = 0) -> MetaStep:
@@ -75,11 +80,19 @@ class ProtoNet(Algorithm):
         loss = losses.mean()
         return MetaStep(loss=loss, metrics={"loss": loss.detach(), tasks.objective.metric_name: metrics.mean()})
 
-    def evaluate(self, fmodel: FunctionalModel, tasks: Tasks, steps: int | None = None) -> Tensor:
-        """[T, 1]: the query accuracy of the prototypes (one step: there is no inner loop)."""
+    def evaluation(self, fmodel: FunctionalModel, tasks: Tasks, steps: int | None = None) -> Evaluation:
+        """[T, 1]: the query accuracy of the prototypes (one step: there is no inner loop), and the
+        classification report of the same predictions."""
         theta = {k: v.detach() for k, v in fmodel.params().items()}
+
+        def scores(model: TaskModel, part: Tasks) -> tuple[Tensor, dict[str, Tensor]]:
+            part = labelled(part)
+            logits = self.query_logits(model, theta, part)
+            objective = part.objective
+            return objective.task_metric(logits, part.query_y).unsqueeze(1), objective.task_report(logits, part.query_y)
+
         with torch.no_grad():
-            return self.execution.run(lambda model, part: self.scores(model, theta, part)[1].unsqueeze(1), fmodel, tasks)
+            return Evaluation(*self.execution.run(scores, fmodel, tasks))
 
     def record_statistics(self, fmodel: FunctionalModel, tasks: Tasks) -> None:
         """Running batch-norm statistics (model.bn=frozen) from the support sets' embeddings."""

@@ -67,6 +67,21 @@ class ImageClasses:
         counts = [p.shape[0] for p in pixels_per_class]
         return ImageClasses(torch.cat(pixels_per_class), torch.tensor(counts), list(names), rotations)
 
+    def with_channels(self, channels: int) -> "ImageClasses":
+        """The same images in `channels` (1: grey, 3: RGB), converted as Pillow's convert("L") / ("RGB")
+        converts a file, so a converted source gives what decoding its files in that mode would."""
+        have = self.pixels.shape[1]
+        if have == channels:
+            return self
+        if (have, channels) == (1, 3):
+            pixels = self.pixels.expand(-1, 3, -1, -1).contiguous()
+        elif (have, channels) == (3, 1):
+            rgb = self.pixels.to(torch.int32)  # ITU-R 601-2 luma in Pillow's fixed point
+            pixels = ((rgb[:, 0] * 19595 + rgb[:, 1] * 38470 + rgb[:, 2] * 7471 + 0x8000) >> 16).to(torch.uint8)[:, None]
+        else:
+            raise ValueError(f"cannot convert {have}-channel images to {channels} channels")
+        return ImageClasses(pixels, self.counts, list(self.names), self.rotations)
+
 
 class ImageTasks(TaskSource):
     """Few-shot classification tasks drawn from per-split `ImageClasses`.
@@ -149,7 +164,7 @@ class ImageTasks(TaskSource):
             images = classes.rotated()[turns[..., None].expand_as(rows), rows]
         else:
             images = classes.pixels[rows]  # [T, N, K+Q, C, H, W]
-        x = self._floats(images)
+        x = self.inputs(images)
         labels = torch.arange(ways).view(1, ways, 1)
         support_x = x[:, :, :shots].flatten(1, 2)
         query_x = x[:, :, shots:].flatten(1, 2)
@@ -177,11 +192,25 @@ class ImageTasks(TaskSource):
             images = classes.rotated()[turns, rows]
         else:
             images = classes.pixels[rows]
-        return self._floats(images), labels
+        return self.inputs(images), labels
 
-    def _floats(self, images: torch.Tensor) -> torch.Tensor:
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images -> the model's inputs, as every task of this source is made: floats in [0, 1],
+        1 - x where the source inverts (Omniglot's strokes)."""
         x = images.float().div_(255.0)
         return 1.0 - x if self.invert else x
+
+    def pixels_of(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The uint8 images behind inputs made by `inputs` (its exact inverse: k / 255 keeps k to well
+        under half a level in float32), so tasks can be written out as image files and read back."""
+        x = 1.0 - inputs if self.invert else inputs
+        return x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+    def convert_channels(self, channels: int) -> None:
+        """Give every split's images `channels` (grey <-> RGB): how a checkpoint trained on images of
+        another kind is scored on this source (cross-domain evaluation)."""
+        self.splits = {split: classes.with_channels(channels) for split, classes in self.splits.items()}
+        self.input_shape = (int(channels), *self.input_shape[1:])
 
 
 def distinct_indices(generator: torch.Generator, counts: torch.Tensor, k: int) -> torch.Tensor:

@@ -3,7 +3,7 @@
 An algorithm never reads a task's data. It hands the task a model that evaluates T networks with
 per-task parameters (`metalearn_cli.functional.TaskModel`: params[name] is [T, *shape]) and asks
 for one number per task: the loss to adapt on (`support_loss`), the loss to meta-learn from
-(`query_loss`), the score to report (`query_metric`). Supervised few-shot batches
+(`query_loss`), the score to report (`query_metric`) and any further scores (`query_report`). Supervised few-shot batches
 (`metalearn_cli.tasks.supervised.TaskBatch`) are one kind of task; episodes an agent collects in an
 environment, or tasks built from unlabeled images, are others: each says how a loss comes out of
 its own data, and every algorithm runs on it unchanged.
@@ -82,3 +82,13 @@ class Tasks(ABC):
     def query_scores(self, model: "TaskModel", params: Params, step: int) -> tuple[Tensor, Tensor]:
         """([T] query losses, [T] detached metrics); kinds that can share one forward pass override it."""
         return self.query_loss(model, params, step), self.query_metric(model, params, step)
+
+    def query_report(self, model: "TaskModel", params: Params, step: int) -> dict[str, Tensor]:
+        """{name: [T]}: further scores of each task's query set that evaluation reports after the last
+        adaptation step, without a graph, under the names `objective.report_names`; none by default.
+        Supervised classification reports macro-F1 and mean per-class recall (`tasks.objectives`)."""
+        return {}
+
+    def query_metric_and_report(self, model: "TaskModel", params: Params, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """(query_metric, query_report) of the same parameters; kinds that can share one forward pass override it."""
+        return self.query_metric(model, params, step), self.query_report(model, params, step)

@@ -98,6 +98,14 @@ class TaskBatch(Tasks):
         prediction = model(params, self.query_x, step)
         return self.objective.task_loss(prediction, self.query_y), self.objective.task_metric(prediction.detach(), self.query_y)
 
+    def query_report(self, model: "TaskModel", params: Params, step: int) -> dict[str, Tensor]:
+        return self.query_metric_and_report(model, params, step)[1]
+
+    def query_metric_and_report(self, model: "TaskModel", params: Params, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        with torch.no_grad():
+            prediction = model(params, self.query_x, step)
+            return self.objective.task_metric(prediction, self.query_y), self.objective.task_report(prediction, self.query_y)
+
     # -- for algorithms that need labelled examples (metric learning, pre-training) -------------
     def features(self, model: "TaskModel", params: Params, part: str, step: int = 0) -> Tensor:
         """[T, n, F]: the network's features (without its head) of the support or query inputs."""
