@@ -9,7 +9,8 @@ through that, giving the exact MAML meta-gradient with a few dozen autograd node
 meta-batch instead of a few dozen per task (the per-task loop) or per-op batching rules (vmap).
 
 Supported: the networks of `metalearn_cli.models` (MLP, Conv4) built from Linear, Conv2d,
-MetaBatchNorm2d, ReLU, MaxPool2d and Flatten. `supports(model)` says whether a model qualifies;
+MetaBatchNorm2d, ReLU, MaxPool2d and Flatten, and the Gaussian policy (GaussianMLP: an MLP giving the
+action mean, whose `log_std` parameter the tasks read themselves). `supports(model)` says whether a model qualifies;
 other models run with vmap or the loop (see `metalearn_cli.execution`).
 """
 
@@ -19,13 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalearn_cli.models import MLP, Conv4, MetaBatchNorm2d
+from metalearn_cli.models import MLP, Conv4, GaussianMLP, MetaBatchNorm2d
 
 Params = dict[str, Tensor]
 
 
 def supports(model: nn.Module) -> bool:
-    return type(model) in (MLP, Conv4)
+    return type(model) in (MLP, GaussianMLP, Conv4)
 
 
 def expand(params: Params, tasks: int) -> Params:

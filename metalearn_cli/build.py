@@ -87,15 +87,18 @@ def build_tasks(cfg: DictConfig) -> Parts:
     sampler.source = source
     check_against_data(cfg, source.objective)
     if cfg.model.get("_target_", "").endswith("Conv4") and len(source.input_shape) != 3:
+        fitting = "gaussian_mlp" if hasattr(source, "check_model") else "mlp"  # RL sources need a policy
         raise MetalearnError(
             f"`model=conv4` needs images, but the data gives inputs of shape {tuple(source.input_shape)}. "
-            "Use model=mlp for this data, or an image data set (data=omniglot, folder, mnist, cifar_fs, miniimagenet)."
+            f"Use model={fitting} for this data, or an image data set (data=omniglot, folder, mnist, cifar_fs, miniimagenet)."
         )
     if hasattr(source, "check_task_shape"):
         shots = {"train": sampler.train_shots, "val": sampler.shots, "test": sampler.shots}
         ways = {"train": sampler.train_ways, "val": sampler.ways, "test": sampler.ways}
         source.check_task_shape(ways, shots, sampler.queries)
     model = _build(cfg, "model", input_shape=source.input_shape, out_features=source.output_dim(sampler.ways))
+    if hasattr(source, "check_model"):  # a source whose tasks need more than outputs (RL: a Gaussian policy)
+        source.check_model(model)
     return Parts(source, sampler, algorithm, model)
 
 
@@ -174,4 +177,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path | None, experiment: Experiment,
             f"`trainer.devices` = {cfg.trainer.get('devices')!r}: {detail} "
             "Use devices this machine has (e.g. trainer=cpu, or trainer.devices=1)."
         ) from None
+    if training and trainer.world_size > 1 and getattr(experiment.algorithm, "outer_optimizer", None) == "trpo":
+        raise MetalearnError(
+            f"`algo.outer_optimizer=trpo` trains in one process, and this trainer starts {trainer.world_size} "
+            f"(trainer.devices={cfg.trainer.get('devices')!r}, trainer.num_nodes={cfg.trainer.get('num_nodes', 1)!r}): "
+            "the trust-region step's conjugate gradient and line search are not split across ranks. "
+            "Use trainer=cpu or trainer.devices=1, or algo.outer_optimizer=adam for data-parallel training."
+        )
     return trainer

@@ -34,6 +34,25 @@ class MLP(nn.Module):
         return features if features_only else self.head(features)
 
 
+class GaussianMLP(MLP):
+    """A Gaussian policy (rllab's GaussianMLPPolicy, the MAML paper's 2 x 100 ReLU): the network's output is
+    the action mean, and `log_std` ([out_features], learned, the same in every state) its log standard
+    deviation. Initialised as the reference code's: Glorot-uniform weights, zero biases, standard
+    deviation exp(init_log_std) (1). The tasks read the mean from the forward pass and `log_std` from the
+    parameters (`metalearn_cli.tasks.episodes`)."""
+
+    def __init__(self, input_shape: Sequence[int], out_features: int, hidden: Sequence[int] = (100, 100),
+                 init_log_std: float = 0.0) -> None:
+        super().__init__(input_shape, out_features, hidden)
+        if isinstance(init_log_std, bool) or not isinstance(init_log_std, (int, float)) or not math.isfinite(init_log_std):
+            raise options.invalid("init_log_std", init_log_std, "a finite number (the initial log standard deviation of actions)")
+        for layer in self.modules():
+            if isinstance(layer, nn.Linear):
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
+        self.log_std = nn.Parameter(torch.full((out_features,), float(init_log_std)))
+
+
 
 
 class MetaBatchNorm2d(nn.Module):

@@ -74,7 +74,7 @@ def table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     keys = sorted({k for r in runs for k in r["overrides"]})
     swept = [k for k in keys if len({r["overrides"].get(k) for r in runs}) > 1] or keys
     metric = next((r["test"]["metric"] for r in runs if r["test"]), "metric")
-    higher_better = metric == "acc"
+    higher_better = metric in ("acc", "return")  # mse is the one that falls
 
     def order(r: dict) -> float:
         mean = r["test"]["mean"] if r["test"] else float("nan")
@@ -240,7 +240,8 @@ def plot_sinusoid(runs: list[dict], out: Path, title: str, max_runs: int = 12) -
         y_support = amplitude[0] * torch.sin(x_support - phase[0])
         grid = torch.linspace(*source.x_range, 200).unsqueeze(1)
         params = {k: v.detach() for k, v in fmodel.params().items()}
-        optimizer, state = InnerSGD(algo.eval_inner_lr), {"buffer": None}
+        optimizer = InnerSGD(algo.eval_inner_lr)
+        state = optimizer.init(params)
         ax.plot(grid, amplitude[0] * torch.sin(grid - phase[0]), color="red", label="ground truth")
         ax.plot(grid, fmodel(params, grid).detach(), ":", color="green", label="pre-update")
         for step in range(1, 11):

@@ -19,8 +19,8 @@ from conftest import FAST, run_folders
 def test_help_lists_config_groups_and_options(metalearn):
     out = metalearn("train", "--help", check=True).stdout
     assert "algo: anil, finetune, fomaml, maml, mamlpp, metasgd, protonet, reptile" in out
-    assert "data: cifar_fs, folder, miniimagenet, mnist, omniglot, sinusoid" in out
-    assert "model: conv4, mlp" in out and "logger: csv, tensorboard" in out
+    assert "data: cifar_fs, folder, halfcheetah_dir, halfcheetah_vel, miniimagenet, mnist, nav2d, omniglot, sinusoid" in out
+    assert "model: conv4, gaussian_mlp, mlp" in out and "logger: csv, tensorboard" in out
     assert "trainer: cpu, ddp, ddp_cpu, default, gpu" in out and "hparams_search: optuna" in out
     assert "usage: metalearn" in metalearn("--help", check=True).stdout
 

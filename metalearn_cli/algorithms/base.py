@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -107,6 +107,22 @@ def adapt(
     return params, state
 
 
+def step_sizes(key: str, value: Any, meaning: str) -> float | tuple[float, ...] | None:
+    """A step size (a finite number > 0), or a schedule of them, one per adaptation step with the last
+    repeating (a non-empty list: [0.1, 0.05] is 0.1 for the first step and 0.05 for every later one);
+    a one-entry list is its number; None where the caller has a default."""
+    if not isinstance(value, (list, tuple)):
+        return options.number(key, value, meaning, optional=True)
+    allowed = f"a finite number > 0, or a non-empty list of them, one per step, the last repeating ({meaning})"
+    if not value:
+        raise options.invalid(key, value, allowed)
+    try:
+        rates = tuple(options.number(key, v, meaning) for v in value)
+    except options.OptionError:
+        raise options.invalid(key, list(value), allowed) from None
+    return rates[0] if len(rates) == 1 else rates
+
+
 def annealed(optimizer: torch.optim.Optimizer, final: float, max_steps: int, shape: str) -> dict:
     """`optimizer` with its learning rate annealed from the initial one to `final` times it over
     `max_steps` meta-iterations, linearly or along a half cosine, then held there (Lightning's
@@ -126,7 +142,8 @@ class Algorithm(ABC):
     """Base of every meta-learning algorithm.
 
     inner_lr, inner_steps: the inner loop used in meta-training.
-    eval_inner_steps, eval_inner_lr: the adaptation used to score validation and test tasks.
+    eval_inner_steps, eval_inner_lr: the adaptation used to score validation and test tasks (eval_inner_lr:
+        a step size, or a list of them, one per step, the last repeating; None: inner_lr).
     outer_lr: the meta-optimizer's learning rate.
     vectorize, task_chunk: how the tasks of a batch run (`metalearn_cli.execution.Execution`).
     """
@@ -149,7 +166,7 @@ class Algorithm(ABC):
         inner_steps: int,
         eval_inner_steps: int,
         outer_lr: float,
-        eval_inner_lr: float | None = None,
+        eval_inner_lr: float | Sequence[float] | None = None,
         vectorize: str = "auto",
         task_chunk: int | str = "auto",
     ) -> None:
@@ -157,11 +174,12 @@ class Algorithm(ABC):
             options.number("inner_lr", inner_lr, "the inner-loop learning rate")
             options.integer("inner_steps", inner_steps, "inner-loop steps per task in meta-training")
             options.integer("eval_inner_steps", eval_inner_steps, "adaptation steps at validation and test")
-            options.number("eval_inner_lr", eval_inner_lr, "the learning rate of adaptation at validation and test", optional=True)
+            eval_inner_lr = step_sizes("eval_inner_lr", eval_inner_lr, "the learning rate of adaptation at validation and test")
         self.inner_lr = float(inner_lr)
         self.inner_steps = int(inner_steps)
         self.eval_inner_steps = int(eval_inner_steps)
-        self.eval_inner_lr = float(eval_inner_lr if eval_inner_lr is not None else inner_lr)
+        #: one step size, or one per adaptation step (the last repeating): what `eval_optimizer`'s SGD takes
+        self.eval_inner_lr: float | tuple[float, ...] = float(inner_lr) if eval_inner_lr is None else eval_inner_lr
         self.outer_lr = options.number("outer_lr", outer_lr, "the meta-optimizer's learning rate")
         self.execution = Execution(vectorize, task_chunk)
 
@@ -213,8 +231,10 @@ class Algorithm(ABC):
         return InnerSGD(self.eval_inner_lr)
 
     def eval_protocol(self) -> dict:
-        """How validation and test tasks are adapted, as `test.json` and `eval.json` record it."""
-        return {"eval_inner_lr": self.eval_inner_lr, "eval_inner_optimizer": "sgd", "eval_inner_batch_size": None}
+        """How validation and test tasks are adapted, as `test.json` and `eval.json` record it (a schedule of
+        step sizes as its list, the last entry used for every later step)."""
+        lr = list(self.eval_inner_lr) if isinstance(self.eval_inner_lr, tuple) else self.eval_inner_lr
+        return {"eval_inner_lr": lr, "eval_inner_optimizer": "sgd", "eval_inner_batch_size": None}
 
     def eval_support_indices(self, tasks: Tasks, steps: int) -> Tensor | None:
         """[T, steps, b]: the support examples each adaptation step of evaluation sees, or None for the

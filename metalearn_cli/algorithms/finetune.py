@@ -66,6 +66,11 @@ class Finetune(Algorithm):
 
     def extra_modules(self, model: nn.Module, source, sampler) -> dict[str, nn.Module]:
         """The head over all training classes used in pre-training (classification only)."""
+        if source.objective.name not in ("classification", "regression"):  # refused at build, before any training
+            raise MetalearnError(
+                f"`algo=finetune` trains on the labelled examples of tasks, but `data={source.name}` gives "
+                f"{source.objective.name} tasks, which have none. Allowed: a classification or regression data set."
+            )
         if source.objective.name != "classification":
             if self.pretrain_batch_size is not None:
                 raise MetalearnError(

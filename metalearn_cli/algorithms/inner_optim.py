@@ -15,25 +15,34 @@ Params = dict[str, torch.Tensor]
 
 
 class InnerSGD:
-    """SGD as in torch.optim.SGD (dampening 0, no Nesterov)."""
+    """SGD as in torch.optim.SGD (dampening 0, no Nesterov). `lr`: one step size, or one per step (a
+    sequence whose last entry repeats for later steps: the MAML paper adapts its policies at test time
+    with 0.1, then 0.05)."""
 
-    def __init__(self, lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
+    def __init__(self, lr: float | Sequence[float], momentum: float = 0.0, weight_decay: float = 0.0) -> None:
         self.lr = lr
         self.momentum = momentum
         self.weight_decay = weight_decay
 
+    def rate(self, step: int) -> float:
+        """The step size of step `step` (0-based) of an adaptation."""
+        if isinstance(self.lr, (list, tuple)):
+            return self.lr[min(step, len(self.lr) - 1)]
+        return self.lr
+
     def init(self, params: Params) -> dict:
-        return {"buffer": None}
+        return {"buffer": None, "t": 0}
 
     def step(self, params: Params, grads: Params, state: dict) -> tuple[Params, dict]:
         """params and grads may be nested dicts of tensors (same structure)."""
+        lr = self.rate(state["t"])
         if self.weight_decay:
             grads = tree_map(lambda g, p: g + self.weight_decay * p, grads, params)
+        buffer = state["buffer"]
         if self.momentum:
-            previous = state["buffer"]
-            grads = grads if previous is None else tree_map(lambda b, g: self.momentum * b + g, previous, grads)
-            state = {"buffer": grads}
-        return tree_map(lambda p, g: p - self.lr * g, params, grads), state
+            grads = grads if buffer is None else tree_map(lambda b, g: self.momentum * b + g, buffer, grads)
+            buffer = grads
+        return tree_map(lambda p, g: p - lr * g, params, grads), {"buffer": buffer, "t": state["t"] + 1}
 
 
 class InnerAdam:

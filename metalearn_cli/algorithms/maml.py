@@ -14,10 +14,16 @@ one exact (MAML++'s derivative-order annealing, Antoniou et al. 2019): a first-o
 costs less than half a second-order one on a CPU, and the end of training is exact MAML. On
 Omniglot 5-shot the warm-up lost more accuracy than its time saving bought (BENCHMARKS.md, note 5).
 
-The meta-optimizer is Adam with learning rate `outer_lr`, constant as in the paper, or, with
-`outer_lr_schedule="cosine"`, annealed along a half cosine from `outer_lr` to `outer_lr_final` over
-the run's `trainer.max_steps` meta-iterations (as MAML++, Antoniou et al. 2019, does): a run with a
-budget far below the paper's 60,000 iterations still ends at a small step size.
+The meta-optimizer (`outer_optimizer`) is Adam with learning rate `outer_lr`, constant as in the
+paper, or, with `outer_lr_schedule="cosine"`, annealed along a half cosine from `outer_lr` to
+`outer_lr_final` over the run's `trainer.max_steps` meta-iterations (as MAML++, Antoniou et al. 2019,
+does): a run with a budget far below the paper's 60,000 iterations still ends at a small step size.
+With `outer_optimizer="trpo"` (the paper's reinforcement-learning experiments) each meta-iteration is
+one trust-region step (`metalearn_cli.algorithms.trpo`): the meta-objective's gradient, conjugate
+gradient on Fisher-vector products of the mean query KL (`Tasks.query_kl`) through the inner loop,
+the step scaled to the KL limit `max_kl` and a backtracking line search that accepts it only if the
+query loss falls and the KL stays within the limit. The step is returned as a direction and applied
+exactly (plain SGD with learning rate 1); `outer_lr` and its schedule do not apply.
 
 `inner_params` chooses which parameters the inner loop adapts, in meta-training and evaluation
 alike: `all` (the paper's description), `no_bn` (what the reference code adapts: batch norm's
@@ -28,18 +34,22 @@ exact meta-gradient through the adapted ones.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
 
 from metalearn_cli import options
 from metalearn_cli.algorithms.base import Algorithm, MetaStep, adapt, annealed
+from metalearn_cli.algorithms.learned_rates import LearnsInnerRates
+from metalearn_cli.algorithms.trpo import AdaptationFisher, trpo_step
 from metalearn_cli.functional import INNER_PARAMS, FunctionalModel, TaskModel
 from metalearn_cli.tasks.base import Params, Tasks
 
 #: algo.outer_lr_schedule: the meta learning rate over the run
 OUTER_LR_SCHEDULES = ("constant", "cosine")
+#: algo.outer_optimizer: Adam on the meta-gradient, or one trust-region step per meta-iteration
+OUTER_OPTIMIZERS = ("adam", "trpo")
 
 
 class MAML(Algorithm):
@@ -53,6 +63,10 @@ class MAML(Algorithm):
         outer_lr_schedule: str = "constant",
         outer_lr_final: float = 0.0,
         inner_params: str = "all",
+        outer_optimizer: str = "adam",
+        max_kl: float = 0.01,
+        trpo_damping: float = 1e-5,
+        trpo_cg_iters: int = 10,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -63,6 +77,27 @@ class MAML(Algorithm):
         self.first_order_steps = options.integer("first_order_steps", first_order_steps,
                                                  "first-order meta-iterations at the start of the run", minimum=0)
         self.first_order = bool(first_order)
+        self.outer_optimizer = options.choice("outer_optimizer", outer_optimizer, OUTER_OPTIMIZERS)
+        self.max_kl = options.number("max_kl", max_kl, "the KL limit of a TRPO step")
+        self.trpo_damping = options.number("trpo_damping", trpo_damping, "added to the Fisher-vector products", strict=False)
+        self.trpo_cg_iters = options.integer("trpo_cg_iters", trpo_cg_iters, "conjugate-gradient iterations per TRPO step")
+        if self.outer_optimizer == "trpo":
+            self._check_trpo()
+
+    def _check_trpo(self) -> None:
+        """TRPO sets its own step size and moves only the model's weights."""
+        if self.outer_lr_schedule != "constant":
+            raise options.OptionError(
+                f"`{{p}}outer_lr_schedule={self.outer_lr_schedule}` anneals Adam's learning rate, but "
+                "`{p}outer_optimizer=trpo` has none: its step size is set by the KL limit `{p}max_kl`. "
+                "Allowed with trpo: {p}outer_lr_schedule=constant (outer_lr is then unused)."
+            )
+        if isinstance(self, LearnsInnerRates):  # Meta-SGD, MAML++
+            raise options.OptionError(
+                f"`{{p}}outer_optimizer=trpo` is not available for algo={self.name}: its learned inner "
+                "learning rates are trained beside the weights, and the trust-region step moves the weights "
+                "only. Allowed: {p}outer_optimizer=adam, or algo=maml / fomaml / anil with trpo."
+            )
 
     def inner_keys(self, fmodel: FunctionalModel) -> list[str] | None:
         return None if self.inner_params == "all" else fmodel.inner_keys(self.inner_params)
@@ -71,6 +106,8 @@ class MAML(Algorithm):
         return {**super().eval_protocol(), "inner_params": self.inner_params}
 
     def configure_optimizers(self, parameters: Iterable[nn.Parameter], max_steps: int) -> dict:
+        if self.outer_optimizer == "trpo":  # theta - 1 * (theta - theta_new): the step meta_step chose
+            return {"optimizer": torch.optim.SGD(parameters, lr=1.0)}
         optimizer = torch.optim.Adam(parameters, lr=self.outer_lr)
         if self.outer_lr_schedule == "constant":
             return {"optimizer": optimizer}
@@ -81,6 +118,8 @@ class MAML(Algorithm):
         return self.first_order or iteration < self.first_order_steps
 
     def meta_step(self, fmodel: FunctionalModel, tasks: Tasks, iteration: int = 0) -> MetaStep:
+        if self.outer_optimizer == "trpo":
+            return self.trpo_meta_step(fmodel, tasks, iteration)
         theta = fmodel.params()
         first_order = self.is_first_order(iteration)
         losses, metrics = self.execution.run(lambda model, part: self.query_scores(model, theta, part, first_order, iteration), fmodel, tasks)
@@ -92,3 +131,50 @@ class MAML(Algorithm):
         adapted, _ = adapt(model, theta, tasks, self.inner_steps, self.inner_update(), self.inner_keys(model.fmodel),
                            differentiable=True, first_order=first_order)
         return tasks.query_scores(model, adapted, self.inner_steps)
+
+    def trpo_meta_step(self, fmodel: FunctionalModel, tasks: Tasks, iteration: int = 0) -> MetaStep:
+        """One TRPO step on the mean query loss after adaptation (`metalearn_cli.algorithms.trpo`), as the
+        direction theta - theta_new. The line search re-adapts each candidate on the same task objects,
+        so a task that caches what it collected (episodes) is scored on the same data throughout."""
+        theta = {k: v.detach().requires_grad_(True) for k, v in fmodel.params().items()}
+        first_order = self.is_first_order(iteration)
+        keys, steps, num_tasks = self.inner_keys(fmodel), self.inner_steps, tasks.num_tasks
+        parts: list[tuple[TaskModel, Tasks, Params]] = []
+
+        def scores(model: TaskModel, part: Tasks) -> tuple[Tensor, Tensor]:
+            adapted, _ = adapt(model, theta, part, steps, self.inner_update(), keys, differentiable=True, first_order=first_order)
+            parts.append((model, part, adapted))
+            return part.query_scores(model, adapted, steps)
+
+        losses, metrics = self.execution.run(scores, fmodel, tasks)
+        loss = losses.mean()
+        gradient = dict(zip(theta, torch.autograd.grad(loss, list(theta.values()), retain_graph=True,
+                                                       allow_unused=True, materialize_grads=True)))
+        olds = [{k: v.detach() for k, v in adapted.items()} for _, _, adapted in parts]
+
+        def kl_share(model: TaskModel, part: Tasks, old: Params) -> Callable[[Params], Tensor]:
+            return lambda new: part.query_kl(model, old, new, steps).sum() / num_tasks
+
+        fisher = AdaptationFisher(theta, [(adapted, kl_share(model, part, old)) for (model, part, adapted), old in zip(parts, olds)])
+
+        def loss_and_kl(candidate: Params) -> tuple[float, float]:
+            total_loss = total_kl = 0.0
+            for (model, part, _), old in zip(parts, olds):
+                adapted, _ = adapt(model, candidate, part, steps, self.inner_update(), keys)
+                with torch.no_grad():
+                    total_loss += part.query_loss(model, adapted, steps).sum().item()
+                    total_kl += part.query_kl(model, old, adapted, steps).sum().item()
+            return total_loss / num_tasks, total_kl / num_tasks
+
+        step = trpo_step(theta, gradient, fisher, loss_and_kl, loss.item(), max_kl=self.max_kl,
+                         damping=self.trpo_damping, cg_iters=self.trpo_cg_iters)
+        direction = {k: theta[k].detach() - step.params[k] for k in theta}
+        like = loss.detach()
+        return MetaStep(direction=direction, metrics={
+            "loss": like,
+            tasks.objective.metric_name: metrics.detach().mean(),
+            "loss_after": like.new_tensor(step.loss_after),
+            "kl": like.new_tensor(step.kl),
+            "line_search_tries": like.new_tensor(float(step.tries)),
+            "step_accepted": like.new_tensor(float(step.accepted)),
+        })

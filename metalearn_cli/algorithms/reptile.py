@@ -90,6 +90,9 @@ class Reptile(Algorithm):
         super().__init__(*args, **kwargs)
         self.inner_optimizer = options.choice("inner_optimizer", inner_optimizer, INNER_OPTIMIZERS)
         self.eval_inner_optimizer = options.choice("eval_inner_optimizer", eval_inner_optimizer, INNER_OPTIMIZERS)
+        if isinstance(self.eval_inner_lr, tuple) and self.eval_inner_optimizer != "sgd":
+            raise options.invalid("eval_inner_lr", list(self.eval_inner_lr),
+                                  "one number with eval_inner_optimizer=adam (a list of step sizes, one per step, is for sgd)")
         self.inner_batch_size = options.integer("inner_batch_size", inner_batch_size, "support examples per inner step", optional=True)
         self.eval_inner_batch_size = options.integer("eval_inner_batch_size", eval_inner_batch_size,
                                                      "support examples per adaptation step at validation and test", optional=True)

@@ -3,7 +3,8 @@
 An algorithm never reads a task's data. It hands the task a model that evaluates T networks with
 per-task parameters (`metalearn_cli.functional.TaskModel`: params[name] is [T, *shape]) and asks
 for one number per task: the loss to adapt on (`support_loss`), the loss to meta-learn from
-(`query_loss`), the score to report (`query_metric`) and any further scores (`query_report`). Supervised few-shot batches
+(`query_loss`), the score to report (`query_metric`), any further scores (`query_report`) and, for a
+trust-region outer step, how far two parameter sets' predictions are apart (`query_kl`). Supervised few-shot batches
 (`metalearn_cli.tasks.supervised.TaskBatch`) are one kind of task; episodes an agent collects in an
 environment, or tasks built from unlabeled images, are others: each says how a loss comes out of
 its own data, and every algorithm runs on it unchanged.
@@ -92,3 +93,13 @@ class Tasks(ABC):
     def query_metric_and_report(self, model: "TaskModel", params: Params, step: int) -> tuple[Tensor, dict[str, Tensor]]:
         """(query_metric, query_report) of the same parameters; kinds that can share one forward pass override it."""
         return self.query_metric(model, params, step), self.query_report(model, params, step)
+
+    def query_kl(self, model: "TaskModel", params_old: Params, params_new: Params, step: int) -> Tensor:
+        """[T]: each task's mean KL divergence KL(p_old || p_new) between the model's predictive
+        distributions under `params_old` (constants) and `params_new` (differentiable), over its query
+        inputs (episodes: the states of its query trajectories). A trust-region outer step
+        (algo.outer_optimizer=trpo) constrains it."""
+        raise NotImplementedError(
+            f"{type(self).__name__} tasks define no KL divergence between predictive distributions "
+            "(Tasks.query_kl), which algo.outer_optimizer=trpo needs; use algo.outer_optimizer=adam with them."
+        )

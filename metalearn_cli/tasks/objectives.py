@@ -25,7 +25,7 @@ class Objective:
     scores ({name: [T]}) that evaluation reports after the last adaptation step; `report_names` are
     its keys, known to every process before any task is scored (ranks gather them by name)."""
 
-    name: str  # "regression" or "classification"
+    name: str  # "regression", "classification" or "reinforcement learning"
     loss: Callable[[Tensor, Tensor], Tensor]
     metric: Callable[[Tensor, Tensor], Tensor]
     metric_name: str
@@ -85,3 +85,16 @@ CLASSIFICATION = Objective(
     classification_report, ("macro_f1", "macro_recall"),
 )
 
+
+def _from_episodes(*args: Tensor) -> Tensor:
+    raise TypeError(
+        "reinforcement learning has no loss or metric of predictions and targets: its losses and returns come "
+        "from the episodes a policy collects (metalearn_cli.tasks.episodes.EpisodeTasks)"
+    )
+
+
+#: reinforcement learning: the tasks adapt on a policy-gradient surrogate of the episodes their policy
+#: collects and report the average undiscounted return (tasks.episodes); larger is better
+REINFORCEMENT = Objective(
+    "reinforcement learning", _from_episodes, _from_episodes, "return", "max", _from_episodes, _from_episodes,
+)

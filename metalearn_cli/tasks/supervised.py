@@ -106,7 +106,25 @@ class TaskBatch(Tasks):
             prediction = model(params, self.query_x, step)
             return self.objective.task_metric(prediction, self.query_y), self.objective.task_report(prediction, self.query_y)
 
+    def query_kl(self, model: "TaskModel", params_old: Params, params_new: Params, step: int) -> Tensor:
+        """Classification: KL of the softmax distributions; regression: of unit-variance Gaussians around
+        the predictions, 0.5 * squared distance of the means; mean over each task's query points."""
+        with torch.no_grad():
+            old = model(params_old, self.query_x, step)
+        return predictive_kl(self.objective, old, model(params_new, self.query_x, step))
+
     # -- for algorithms that need labelled examples (metric learning, pre-training) -------------
     def features(self, model: "TaskModel", params: Params, part: str, step: int = 0) -> Tensor:
         """[T, n, F]: the network's features (without its head) of the support or query inputs."""
         return model(params, self.support_x if part == "support" else self.query_x, step, features_only=True)
+
+
+def predictive_kl(objective: Objective, old: Tensor, new: Tensor) -> Tensor:
+    """[T]: the mean over query points of KL(p_old || p_new) from the model's outputs [T, Q, ...] under
+    two parameter sets, with the predictive distribution the objective's loss implies."""
+    if objective.name == CLASSIFICATION.name:
+        log_old, log_new = old.log_softmax(-1), new.log_softmax(-1)
+        return (log_old.exp() * (log_old - log_new)).sum(-1).mean(1)
+    if objective.name == REGRESSION.name:
+        return 0.5 * (old - new).pow(2).reshape(*old.shape[:2], -1).sum(-1).mean(1)
+    raise NotImplementedError(f"no predictive distribution is defined for {objective.name} tasks (Tasks.query_kl)")
