@@ -9,6 +9,9 @@ both give the same meta-gradient (relative error < 1e-4).
 The reference is what learn2learn, higher and most papers' code do: for every task,
 functional_call on the support set, torch.autograd.grad(create_graph=True), SGD step, query loss;
 then one backward of the mean query loss.
+
+The reinforcement-learning workloads (nav2d, halfcheetah: environment steps per second against one
+episode at a time, and one MAML-TRPO meta-iteration by phase) are `metalearn_cli.bench_rl`'s.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from metalearn_cli import bench_rl
 from metalearn_cli.algorithms import MAML, FunctionalModel
 from metalearn_cli.models import MLP, Conv4
 from metalearn_cli.tasks import CLASSIFICATION, REGRESSION, TaskBatch
@@ -413,7 +417,9 @@ def _chunks(text: str) -> list[int | str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="metalearn bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("workloads", nargs="*", default=DEFAULT_WORKLOADS, help=f"any of: {', '.join(WORKLOADS)} or 'all'")
+    parser.add_argument("workloads", nargs="*", default=DEFAULT_WORKLOADS,
+                        help=f"any of: {', '.join([*WORKLOADS, *bench_rl.RL_WORKLOADS])} or 'all' "
+                             f"(every one but {', '.join(n for n in bench_rl.RL_WORKLOADS if n not in bench_rl.IN_ALL)})")
     parser.add_argument("--strategy", default="auto", help="algo.vectorize value to time (auto, vmap, loop, ...)")
     parser.add_argument("--task-chunk", default="auto", type=_chunks,
                         help="algo.task_chunk: tasks per pass with batched execution (auto or a number); "
@@ -427,15 +433,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--end-to-end", action="store_true", help="also time `metalearn train` against the bare loop (sinusoid; Omniglot with --omniglot-root)")
     parser.add_argument("--omniglot-root", help="the folder holding omniglot-py/: measure the sampler's share of a meta-iteration")
     parser.add_argument("--json", type=Path, help="write the results here")
+    bench_rl.add_arguments(parser)
     args = parser.parse_args(argv)
-    names = list(WORKLOADS) if args.workloads == ["all"] else args.workloads
-    unknown = [n for n in names if n not in WORKLOADS]
+    requested = [*WORKLOADS, *bench_rl.IN_ALL] if args.workloads == ["all"] else args.workloads
+    unknown = [n for n in requested if n not in WORKLOADS and n not in bench_rl.RL_WORKLOADS]
     if unknown:
-        print(f"Error: unknown workload(s) {', '.join(unknown)}. Allowed: {', '.join(WORKLOADS)}, all.", file=sys.stderr)
+        print(f"Error: unknown workload(s) {', '.join(unknown)}. Allowed: {', '.join([*WORKLOADS, *bench_rl.RL_WORKLOADS])}, all.",
+              file=sys.stderr)
         sys.exit(2)
+    names = [n for n in requested if n in WORKLOADS]
+    rl_names = [n for n in requested if n in bench_rl.RL_WORKLOADS]
     device = torch.device(args.device)
     print(f"machine: {machine()}")
-    print(f"{'workload':<18} {'strategy':<10} {'reference ms':>12} {'ours ms':>9} {'speedup':>8} {'grad rel err':>12}")
+    if names:
+        print(f"{'workload':<18} {'strategy':<10} {'reference ms':>12} {'ours ms':>9} {'speedup':>8} {'grad rel err':>12}")
     results = []
     for name in names:
         ref_mem = peak_memory(WORKLOADS[name], "reference", args.strategy, device) if args.memory else None
@@ -460,6 +471,8 @@ def main(argv: list[str] | None = None) -> None:
             sweep.append({"workload": w.name, "inner_steps": k, "reference_peak_mib": ref, "ours_peak_mib": ours})
             print(f"  {k:>2} steps: reference {ref['rss']:7.0f} / {ref['heap']:7.0f}   ours {ours['rss']:7.0f} / {ours['heap']:7.0f}")
     extra: dict = {}
+    if rl_names:
+        extra["rl"] = bench_rl.run(rl_names, args)
     if args.omniglot_root:
         share = sampling_share(args.omniglot_root)
         extra["sampling"] = share

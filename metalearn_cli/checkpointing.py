@@ -117,6 +117,12 @@ class RunCheckpoints(pl.Callback):
         if self._last_saved_step != trainer.global_step:
             self.save_last(trainer)
 
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # no meta-iteration ran (trainer.max_steps=0, e.g. the untrained policy of the MAML paper's "random"
+        # row): the initialisation is the run's model, saved so that it is tested and can be scored again
+        if not self.last_path.exists() and not self.stopped:
+            self.save_last(trainer)
+
     def state_dict(self) -> dict[str, Any]:
         return {"best_score": self.best_score, "best_step": self.best_step}
 

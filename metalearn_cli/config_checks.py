@@ -39,7 +39,7 @@ def positive_int(cfg: DictConfig, key: str, meaning: str, optional: bool = False
 def check_config(cfg: DictConfig) -> None:
     """Checks of the run's own keys (run before anything is built)."""
     positive_int(cfg, "seed", "the seed of model initialisation and task sampling", minimum=0)
-    positive_int(cfg, "trainer.max_steps", "meta-iterations to train")
+    positive_int(cfg, "trainer.max_steps", "meta-iterations to train; 0 scores the initialisation", minimum=0)
     positive_int(cfg, "eval.num_tasks", "test tasks to score")
     positive_int(cfg, "eval.val_tasks", "validation tasks to score")
     positive_int(cfg, "eval.batch_tasks", "tasks evaluated together")

@@ -4,8 +4,13 @@ For every run folder found under the paths (a folder holding `.hydra/config.yaml
 overrides, `test.json` and `metrics.csv`, then writes next to the sweep:
 
 * `report.md` and `report.csv`: one row per run, best first: the overrides that differ between
-  runs, the test metric ± 95% CI, the meta-iterations trained and the wall time;
+  runs, the test metric ± 95% CI (for reinforcement learning the return after each adaptation step,
+  as the MAML paper reports it), the meta-iterations trained and the wall time;
 * `report_val_curves.png`: the meta-validation metric of every run against meta-iterations;
+* `report_adaptation.png`: the test metric (mean ± 95% CI) against adaptation steps, one line per
+  algorithm and setting (the runs that differ only in `seed` are one line: the mean of their means,
+  the CI over those runs; a single run's CI is over its test tasks; a run of `trainer.max_steps=0`
+  is the line "untrained");
 * `report_<key>.png`: the test metric against each swept hyperparameter (mean ± CI per value);
 * `report_sinusoid.png` (sinusoid runs): the MAML paper's Figure 2 view for each run: the true
   function, the K support points and the predictions before and after 1 and 10 inner steps.
@@ -18,11 +23,19 @@ import csv
 import json
 import math
 import sys
+import textwrap
 from pathlib import Path
 
 import yaml
 
 from metalearn_cli.errors import MetalearnError, report as report_error
+
+#: metrics whose table lists the score after every adaptation step (the MAML paper reports returns after 0..3)
+PER_STEP_METRICS = ("return",)
+#: larger is better for these; the others (mse) fall
+HIGHER_IS_BETTER = ("acc", "return")
+#: overrides that repeat a configuration rather than define one: runs differing only in them are one line
+REPEATS = ("seed",)
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
@@ -70,11 +83,25 @@ def _fmt(summary: dict | None) -> tuple[str, float]:
     return f"{summary['mean'] * scale:.4f} ± {summary['ci95'] * scale:.4f}", summary["mean"]
 
 
+def _per_step_columns(runs: list[dict], metric: str) -> tuple[list[str], list[int]]:
+    """For metrics of PER_STEP_METRICS: a column per adaptation step any run was scored after."""
+    if metric not in PER_STEP_METRICS:
+        return [], []
+    steps = sorted({row["step"] for r in runs if r["test"] for row in r["test"].get("per_step", [])})
+    return [f"{metric} after {k} step{'' if k == 1 else 's'} ± 95% CI" for k in steps], steps
+
+
+def _at_step(test: dict | None, step: int) -> str:
+    row = next((row for row in (test or {}).get("per_step", []) if row["step"] == step), None)
+    return "" if row is None else f"{row['mean']:.2f} ± {row['ci95']:.2f}"
+
+
 def table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     keys = sorted({k for r in runs for k in r["overrides"]})
     swept = [k for k in keys if len({r["overrides"].get(k) for r in runs}) > 1] or keys
     metric = next((r["test"]["metric"] for r in runs if r["test"]), "metric")
-    higher_better = metric in ("acc", "return")  # mse is the one that falls
+    higher_better = metric in HIGHER_IS_BETTER
+    step_columns, steps = _per_step_columns(runs, metric)
 
     def order(r: dict) -> float:
         mean = r["test"]["mean"] if r["test"] else float("nan")
@@ -82,14 +109,16 @@ def table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
             return math.inf
         return -mean if higher_better else mean
 
-    header = ["run", *swept, f"test {metric}{' %' if metric == 'acc' else ''} ± 95% CI", "steps", "wall time (s)"]
+    scores = step_columns or [f"test {metric}{' %' if metric == 'acc' else ''} ± 95% CI"]
+    header = ["run", *swept, *scores, "steps", "wall time (s)"]
     rows = []
     for r in sorted(runs, key=order):
         text, _ = _fmt(r["test"])
         test = r["test"] or {}
-        steps = test.get("steps", "")
+        trained = test.get("steps", "")
         wall = test.get("train_seconds")
-        rows.append([r["path"].name, *(r["overrides"].get(k, "") for k in swept), text, str(steps),
+        values = [_at_step(r["test"], k) for k in steps] if steps else [text]
+        rows.append([r["path"].name, *(r["overrides"].get(k, "") for k in swept), *values, str(trained),
                      f"{wall:.0f}" if isinstance(wall, (int, float)) else ""])
     return header, rows
 
@@ -135,6 +164,69 @@ def plot_val_curves(runs: list[dict], out: Path, title: str) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     path = out / "report_val_curves.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def configurations(runs: list[dict]) -> dict[str, list[dict]]:
+    """The runs with a per-step test result, one group per line to draw: named by the algorithm (or
+    "untrained" for a run of 0 meta-iterations: an initialisation scored) and the other overrides that
+    differ between runs, REPEATS (seeds) aside, so that the seeds of a configuration are one group."""
+    scored = [r for r in runs if r["test"] and r["test"].get("per_step")]
+    keys = sorted({k for r in scored for k in r["overrides"]})
+    named = ("algo", "trainer.max_steps", *REPEATS)  # said by the name, or repeats
+    swept = [k for k in keys if k not in named and len({r["overrides"].get(k) for r in scored}) > 1]
+    groups: dict[str, list[dict]] = {}
+    for run in scored:
+        test = run["test"]
+        name = "untrained" if test.get("steps") == 0 else str(test.get("algo", run["path"].name))
+        label = " ".join([name, *(f"{k}={run['overrides'][k]}" for k in swept if k in run["overrides"])])
+        groups.setdefault(label, []).append(run)
+    return groups
+
+
+def adaptation_curve(group: list[dict]) -> tuple[list[int], list[float], list[float]]:
+    """Steps, means and 95% CIs of a configuration's test metric after each adaptation step: one run's own
+    (over its test tasks), or the mean of several runs' means with the CI over the runs."""
+    per_run = [{row["step"]: row for row in r["test"]["per_step"]} for r in group]
+    steps = sorted(set.intersection(*(set(rows) for rows in per_run)))
+    if len(group) == 1:
+        return steps, [per_run[0][k]["mean"] for k in steps], [per_run[0][k]["ci95"] for k in steps]
+    means = [[rows[k]["mean"] for rows in per_run] for k in steps]
+    return steps, [sum(m) / len(m) for m in means], [_ci(m) for m in means]
+
+
+def plot_adaptation(runs: list[dict], out: Path, title: str) -> Path | None:
+    """The test metric against adaptation steps, one line per configuration (the MAML paper's figure 4 view
+    for 2D navigation: return after 0..3 policy-gradient steps, one line per method)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = configurations(runs)
+    if not groups:
+        return None
+    metric = next(iter(groups.values()))[0]["test"]["metric"]
+    scale = 100.0 if metric == "acc" else 1.0
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for i, (label, group) in enumerate(groups.items()):
+        steps, means, cis = adaptation_curve(group)
+        note = f" ({len(group)} runs, CI over runs)" if len(group) > 1 else ""
+        dodge = 0.04 * (i - (len(groups) - 1) / 2)  # side by side, so that the error bars do not hide each other
+        ax.errorbar([k + dodge for k in steps], [scale * m for m in means], yerr=[scale * c for c in cis], fmt="o-",
+                    capsize=4, label=label + note)
+    ax.set_xlabel("adaptation steps at test")
+    ax.set_ylabel(f"test {metric}{' (%)' if metric == 'acc' else ''} (mean ± 95% CI)")
+    if metric == "mse":
+        ax.set_yscale("log")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_title("\n".join(textwrap.wrap(f"Test {metric} after each adaptation step: {title}", 90)), fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    path = out / "report_adaptation.png"
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -284,6 +376,7 @@ def main(argv: list[str] | None = None) -> None:
             print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
         written = [out / "report.md", out / "report.csv"]
         written += [p for p in [plot_val_curves(runs, out, title)] if p]
+        written += [p for p in [plot_adaptation(runs, out, title)] if p]
         written += plot_against_hyperparameters(runs, out, title)
         written += [p for p in [plot_sinusoid(runs, out, title)] if p]
         print("wrote " + ", ".join(str(p) for p in written))

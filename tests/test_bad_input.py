@@ -24,7 +24,7 @@ from conftest import FAST, OMNIGLOT, assert_clean_error, snapshot
         ("sampler.meta_batch_size=0", ["sampler.meta_batch_size"]),
         ("algo.inner_steps=0", ["algo.inner_steps", "0"]),
         ("algo.eval_inner_steps=-1", ["algo.eval_inner_steps", "-1"]),
-        ("trainer.max_steps=0", ["trainer.max_steps", "0"]),
+        ("trainer.max_steps=-1", ["trainer.max_steps", "-1", "integer >= 0"]),
         ("algo.inner_lr=0", ["algo.inner_lr", "number > 0"]),
         ("algo.inner_lr=-0.1", ["algo.inner_lr", "-0.1"]),
         ("algo.outer_lr=-1", ["algo.outer_lr", "-1"]),

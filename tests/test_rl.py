@@ -268,7 +268,6 @@ def test_nav2d_train_eval_and_exact_resume(metalearn, tmp_path):
     (["model=conv4"], ["`model=conv4` needs images", "model=gaussian_mlp"]),
     (["model=mlp"], ["`data=nav2d` needs a Gaussian policy", "model=gaussian_mlp"]),
     (["algo=protonet"], ["`algo=protonet`", "reinforcement learning"]),
-    (["algo=finetune"], ["`algo=finetune`", "reinforcement learning"]),
     (["data.action_scale=0"], ["data.action_scale"]),
     (["data.baseline=mlp"], ["data.baseline", "linear, zero"]),
 ])

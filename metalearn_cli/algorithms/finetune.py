@@ -14,6 +14,16 @@ labelled the same way). At test a new head with one output per way is trained on
 support set, on the frozen backbone's features (`finetune_backbone=false`, the paper's protocol) or
 together with the whole network (`finetune_backbone=true`), by full-batch SGD with momentum and
 weight decay.
+
+Reinforcement learning: the "pretrained" baseline of the MAML paper (its reference code's `maml0`,
+MAML-TRPO with an inner step of 0). One policy is trained on every training task at once, without
+adaptation: each meta-iteration improves the mean over the meta-batch's tasks of their query loss at
+theta itself (for episodes, the surrogate of the episodes theta collects, whose gradient is the policy
+gradient), by Adam or, with `outer_optimizer=trpo` (the paper's), by the trust-region step MAML takes
+(`metalearn_cli.algorithms.trpo`, with the parameters' Jacobian the identity). At validation and test
+the policy is adapted with the same policy-gradient steps as MAML's (eval_inner_steps, eval_inner_lr).
+The same path serves any kind of task without labelled examples to pool: it uses only the task's
+losses of given parameters.
 """
 
 from __future__ import annotations
@@ -27,11 +37,12 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from metalearn_cli import options
 from metalearn_cli.algorithms.base import Algorithm, Evaluation, MetaStep
 from metalearn_cli.algorithms.inner_optim import InnerSGD
+from metalearn_cli.algorithms.trpo import OUTER_OPTIMIZERS, TrustRegion
 from metalearn_cli.batched import expand
 from metalearn_cli.errors import MetalearnError
 from metalearn_cli.functional import FunctionalModel, TaskModel
 from metalearn_cli.models import CosineClassifier, cosine_logits
-from metalearn_cli.tasks import TaskBatch, Tasks
+from metalearn_cli.tasks import Params, TaskBatch, Tasks
 
 HEADS = ("linear", "cosine")
 
@@ -52,10 +63,17 @@ class Finetune(Algorithm):
         eval_momentum: float = 0.9,
         eval_weight_decay: float = 0.001,
         pretrain_batch_size: int | None = None,
+        outer_optimizer: str = "adam",
+        max_kl: float = 0.01,
+        trpo_damping: float = 1e-5,
+        trpo_cg_iters: int = 10,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.head = options.choice("head", head, HEADS)
+        #: how episodes train the policy: Adam on the policy gradient, or TRPO (the paper's pretrained baseline)
+        self.outer_optimizer = options.choice("outer_optimizer", outer_optimizer, OUTER_OPTIMIZERS)
+        self.trust_region = TrustRegion(max_kl, trpo_damping, trpo_cg_iters)
         #: images per pre-training batch (classification); None: the images of the sampled tasks
         self.pretrain_batch_size = options.integer("pretrain_batch_size", pretrain_batch_size,
                                                    "images per pre-training batch, or null", optional=True)
@@ -65,11 +83,14 @@ class Finetune(Algorithm):
         self.classifier: nn.Module | None = None
 
     def extra_modules(self, model: nn.Module, source, sampler) -> dict[str, nn.Module]:
-        """The head over all training classes used in pre-training (classification only)."""
-        if source.objective.name not in ("classification", "regression"):  # refused at build, before any training
+        """The head over all training classes used in pre-training (classification only). Settings that do not
+        fit the data are refused here, at build, before any training."""
+        pools = source.objective.name in ("classification", "regression")  # labelled examples to pool
+        if pools and self.outer_optimizer == "trpo":
             raise MetalearnError(
-                f"`algo=finetune` trains on the labelled examples of tasks, but `data={source.name}` gives "
-                f"{source.objective.name} tasks, which have none. Allowed: a classification or regression data set."
+                f"`algo.outer_optimizer=trpo` trains a policy on episodes (the MAML paper's pretrained baseline on "
+                f"reinforcement-learning data), but `data={source.name}` gives {source.objective.name} tasks, whose "
+                "labelled examples algo=finetune pools and trains on with Adam. Allowed here: algo.outer_optimizer=adam."
             )
         if source.objective.name != "classification":
             if self.pretrain_batch_size is not None:
@@ -93,6 +114,8 @@ class Finetune(Algorithm):
         return self.classifier is None
 
     def configure_optimizers(self, parameters: Iterable[nn.Parameter], max_steps: int) -> dict:
+        if self.outer_optimizer == "trpo":
+            return self.trust_region.configure_optimizers(parameters)
         return {"optimizer": torch.optim.Adam(parameters, lr=self.outer_lr)}
 
     # -- pre-training ----------------------------------------------------------------------
@@ -120,7 +143,8 @@ class Finetune(Algorithm):
             layer.running_var[1:] = layer.running_var[0]
 
     def meta_step(self, fmodel: FunctionalModel, tasks: Tasks, iteration: int = 0) -> MetaStep:
-        tasks = supervised(tasks, self.name)
+        if not isinstance(tasks, TaskBatch):
+            return self.unadapted_meta_step(fmodel, tasks)
         objective = tasks.objective
         inputs = torch.cat([tasks.support_x.flatten(0, 1), tasks.query_x.flatten(0, 1)])
         if self.classifier is None:  # regression: the model itself on pooled points
@@ -136,9 +160,26 @@ class Finetune(Algorithm):
         # a mean over pooled examples, not tasks: a rank's part of a pre-training batch weighs its images
         return MetaStep(loss=loss, metrics={"loss": loss.detach(), objective.metric_name: metric}, weight=len(inputs))
 
+    def unadapted_meta_step(self, fmodel: FunctionalModel, tasks: Tasks) -> MetaStep:
+        """Tasks without labelled examples to pool (episodes): theta itself on every task's query loss, no
+        inner loop (reinforcement learning: the policy gradient of the mean return over the tasks)."""
+
+        def unadapted(model: TaskModel, theta: Params, part: Tasks, differentiable: bool = True) -> Params:
+            return expand(theta, part.num_tasks)
+
+        if self.outer_optimizer == "trpo":
+            return self.trust_region.meta_step(self.execution, fmodel, tasks, unadapted, 0)
+        theta = fmodel.params()
+        losses, metrics = self.execution.run(lambda model, part: part.query_scores(model, unadapted(model, theta, part), 0), fmodel, tasks)
+        loss = losses.mean()
+        return MetaStep(loss=loss, metrics={"loss": loss.detach(), tasks.objective.metric_name: metrics.detach().mean()})
+
     # -- test: a new head per task ---------------------------------------------------------
     def eval_protocol(self) -> dict:
-        """Baseline and Baseline++ differ only here: the head trained on each task's support set."""
+        """Baseline and Baseline++ differ only here: the head trained on each task's support set. Where the model
+        itself is adapted (regression, episodes) the base protocol is the whole of it (plain SGD steps)."""
+        if self.classifier is None:
+            return super().eval_protocol()
         return {**super().eval_protocol(), "head": self.head, "finetune_backbone": self.finetune_backbone,
                 "eval_momentum": self.eval_momentum, "eval_weight_decay": self.eval_weight_decay}
 

@@ -34,7 +34,7 @@ exact meta-gradient through the adapted ones.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -42,14 +42,12 @@ from torch import Tensor, nn
 from metalearn_cli import options
 from metalearn_cli.algorithms.base import Algorithm, MetaStep, adapt, annealed
 from metalearn_cli.algorithms.learned_rates import LearnsInnerRates
-from metalearn_cli.algorithms.trpo import AdaptationFisher, trpo_step
+from metalearn_cli.algorithms.trpo import OUTER_OPTIMIZERS, TrustRegion
 from metalearn_cli.functional import INNER_PARAMS, FunctionalModel, TaskModel
 from metalearn_cli.tasks.base import Params, Tasks
 
 #: algo.outer_lr_schedule: the meta learning rate over the run
 OUTER_LR_SCHEDULES = ("constant", "cosine")
-#: algo.outer_optimizer: Adam on the meta-gradient, or one trust-region step per meta-iteration
-OUTER_OPTIMIZERS = ("adam", "trpo")
 
 
 class MAML(Algorithm):
@@ -78,9 +76,7 @@ class MAML(Algorithm):
                                                  "first-order meta-iterations at the start of the run", minimum=0)
         self.first_order = bool(first_order)
         self.outer_optimizer = options.choice("outer_optimizer", outer_optimizer, OUTER_OPTIMIZERS)
-        self.max_kl = options.number("max_kl", max_kl, "the KL limit of a TRPO step")
-        self.trpo_damping = options.number("trpo_damping", trpo_damping, "added to the Fisher-vector products", strict=False)
-        self.trpo_cg_iters = options.integer("trpo_cg_iters", trpo_cg_iters, "conjugate-gradient iterations per TRPO step")
+        self.trust_region = TrustRegion(max_kl, trpo_damping, trpo_cg_iters)
         if self.outer_optimizer == "trpo":
             self._check_trpo()
 
@@ -106,8 +102,8 @@ class MAML(Algorithm):
         return {**super().eval_protocol(), "inner_params": self.inner_params}
 
     def configure_optimizers(self, parameters: Iterable[nn.Parameter], max_steps: int) -> dict:
-        if self.outer_optimizer == "trpo":  # theta - 1 * (theta - theta_new): the step meta_step chose
-            return {"optimizer": torch.optim.SGD(parameters, lr=1.0)}
+        if self.outer_optimizer == "trpo":
+            return self.trust_region.configure_optimizers(parameters)
         optimizer = torch.optim.Adam(parameters, lr=self.outer_lr)
         if self.outer_lr_schedule == "constant":
             return {"optimizer": optimizer}
@@ -134,47 +130,12 @@ class MAML(Algorithm):
 
     def trpo_meta_step(self, fmodel: FunctionalModel, tasks: Tasks, iteration: int = 0) -> MetaStep:
         """One TRPO step on the mean query loss after adaptation (`metalearn_cli.algorithms.trpo`), as the
-        direction theta - theta_new. The line search re-adapts each candidate on the same task objects,
-        so a task that caches what it collected (episodes) is scored on the same data throughout."""
-        theta = {k: v.detach().requires_grad_(True) for k, v in fmodel.params().items()}
+        direction theta - theta_new; the line search adapts each candidate again."""
         first_order = self.is_first_order(iteration)
-        keys, steps, num_tasks = self.inner_keys(fmodel), self.inner_steps, tasks.num_tasks
-        parts: list[tuple[TaskModel, Tasks, Params]] = []
+        keys, steps = self.inner_keys(fmodel), self.inner_steps
 
-        def scores(model: TaskModel, part: Tasks) -> tuple[Tensor, Tensor]:
-            adapted, _ = adapt(model, theta, part, steps, self.inner_update(), keys, differentiable=True, first_order=first_order)
-            parts.append((model, part, adapted))
-            return part.query_scores(model, adapted, steps)
+        def adapted(model: TaskModel, theta: Params, part: Tasks, differentiable: bool) -> Params:
+            return adapt(model, theta, part, steps, self.inner_update(), keys, differentiable=differentiable,
+                         first_order=first_order)[0]
 
-        losses, metrics = self.execution.run(scores, fmodel, tasks)
-        loss = losses.mean()
-        gradient = dict(zip(theta, torch.autograd.grad(loss, list(theta.values()), retain_graph=True,
-                                                       allow_unused=True, materialize_grads=True)))
-        olds = [{k: v.detach() for k, v in adapted.items()} for _, _, adapted in parts]
-
-        def kl_share(model: TaskModel, part: Tasks, old: Params) -> Callable[[Params], Tensor]:
-            return lambda new: part.query_kl(model, old, new, steps).sum() / num_tasks
-
-        fisher = AdaptationFisher(theta, [(adapted, kl_share(model, part, old)) for (model, part, adapted), old in zip(parts, olds)])
-
-        def loss_and_kl(candidate: Params) -> tuple[float, float]:
-            total_loss = total_kl = 0.0
-            for (model, part, _), old in zip(parts, olds):
-                adapted, _ = adapt(model, candidate, part, steps, self.inner_update(), keys)
-                with torch.no_grad():
-                    total_loss += part.query_loss(model, adapted, steps).sum().item()
-                    total_kl += part.query_kl(model, old, adapted, steps).sum().item()
-            return total_loss / num_tasks, total_kl / num_tasks
-
-        step = trpo_step(theta, gradient, fisher, loss_and_kl, loss.item(), max_kl=self.max_kl,
-                         damping=self.trpo_damping, cg_iters=self.trpo_cg_iters)
-        direction = {k: theta[k].detach() - step.params[k] for k in theta}
-        like = loss.detach()
-        return MetaStep(direction=direction, metrics={
-            "loss": like,
-            tasks.objective.metric_name: metrics.detach().mean(),
-            "loss_after": like.new_tensor(step.loss_after),
-            "kl": like.new_tensor(step.kl),
-            "line_search_tries": like.new_tensor(float(step.tries)),
-            "step_accepted": like.new_tensor(float(step.accepted)),
-        })
+        return self.trust_region.meta_step(self.execution, fmodel, tasks, adapted, steps)

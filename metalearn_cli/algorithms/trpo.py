@@ -23,18 +23,33 @@ with respect to u along v is J v), a Hessian-vector product of k in the adapted 
 loop), and a vector-Jacobian product J^T w (a MAML meta-gradient's backward). No third-order autograd
 through the inner loop is needed. With first-order adaptation the inner gradients are constants, so
 J is the identity (copied to every task) and F v is the adapted-space product summed over tasks.
+
+`TrustRegion` holds the step's settings (algo.max_kl, algo.trpo_damping, algo.trpo_cg_iters) and runs
+one meta-iteration with it for any algorithm that says how a part's parameters come from theta:
+MAML adapts them (the query loss after the inner loop), the pretrained baseline (algo=finetune on
+episodes) uses theta itself (J the identity).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from metalearn_cli import options
+from metalearn_cli.algorithms.base import MetaStep
+
+if TYPE_CHECKING:
+    from metalearn_cli.execution import Execution
+    from metalearn_cli.functional import FunctionalModel, TaskModel
+    from metalearn_cli.tasks.base import Tasks
 
 Params = dict[str, Tensor]
+#: algo.outer_optimizer: Adam on the meta-gradient, or one trust-region step per meta-iteration
+OUTER_OPTIMIZERS = ("adam", "trpo")
 #: the line search shrinks the step by this factor after each rejected try (rllab's default)
 BACKTRACK_RATIO = 0.8
 #: how many steps the line search tries before giving up (rllab's default)
@@ -188,3 +203,73 @@ def trpo_step(
         if loss < loss_before and kl <= max_kl:
             return TRPOStep(candidate, loss_before, float(loss), float(kl), tries, True)
     return TRPOStep(theta, loss_before, loss_before, 0.0, tries, False)
+
+
+#: how a part of the tasks gets its [t, ...] parameters from theta: (model, theta, part, differentiable) -> params,
+#: with the graph from theta where differentiable (the meta-gradient and the Fisher products flow through it)
+ParamsFromTheta = Callable[["TaskModel", Params, "Tasks", bool], Params]
+
+
+class TrustRegion:
+    """The TRPO outer step of an algorithm: its settings, checked as given, and one meta-iteration.
+
+    max_kl: the limit on the mean KL between the predictive distributions (policies) before and after the
+    step. damping: added to the Fisher-vector products. cg_iters: conjugate-gradient iterations."""
+
+    def __init__(self, max_kl: float = 0.01, damping: float = 1e-5, cg_iters: int = 10) -> None:
+        self.max_kl = options.number("max_kl", max_kl, "the KL limit of a TRPO step")
+        self.damping = options.number("trpo_damping", damping, "added to the Fisher-vector products", strict=False)
+        self.cg_iters = options.integer("trpo_cg_iters", cg_iters, "conjugate-gradient iterations per TRPO step")
+
+    @staticmethod
+    def configure_optimizers(parameters: Iterable[nn.Parameter]) -> dict:
+        """theta - 1 * (theta - theta_new): plain SGD of rate 1 applies the step `meta_step` chose."""
+        return {"optimizer": torch.optim.SGD(parameters, lr=1.0)}
+
+    def meta_step(self, execution: "Execution", fmodel: "FunctionalModel", tasks: "Tasks", params_of: ParamsFromTheta,
+                  step: int) -> MetaStep:
+        """One trust-region step on the mean over tasks of `query_loss(params_of(theta), step)`, the KL being
+        `query_kl` at that step, returned as the direction theta - theta_new. The line search computes each
+        candidate's parameters again on the same task objects, so a task that caches what it collected
+        (episodes) is scored on the same data throughout."""
+        theta = {k: v.detach().requires_grad_(True) for k, v in fmodel.params().items()}
+        num_tasks = tasks.num_tasks
+        parts: list[tuple["TaskModel", "Tasks", Params]] = []
+
+        def scores(model: "TaskModel", part: "Tasks") -> tuple[Tensor, Tensor]:
+            params = params_of(model, theta, part, True)
+            parts.append((model, part, params))
+            return part.query_scores(model, params, step)
+
+        losses, metrics = execution.run(scores, fmodel, tasks)
+        loss = losses.mean()
+        gradient = dict(zip(theta, torch.autograd.grad(loss, list(theta.values()), retain_graph=True,
+                                                       allow_unused=True, materialize_grads=True)))
+        olds = [{k: v.detach() for k, v in params.items()} for _, _, params in parts]
+
+        def kl_share(model: "TaskModel", part: "Tasks", old: Params) -> Callable[[Params], Tensor]:
+            return lambda new: part.query_kl(model, old, new, step).sum() / num_tasks
+
+        fisher = AdaptationFisher(theta, [(params, kl_share(model, part, old)) for (model, part, params), old in zip(parts, olds)])
+
+        def loss_and_kl(candidate: Params) -> tuple[float, float]:
+            total_loss = total_kl = 0.0
+            for (model, part, _), old in zip(parts, olds):
+                params = params_of(model, candidate, part, False)
+                with torch.no_grad():
+                    total_loss += part.query_loss(model, params, step).sum().item()
+                    total_kl += part.query_kl(model, old, params, step).sum().item()
+            return total_loss / num_tasks, total_kl / num_tasks
+
+        result = trpo_step(theta, gradient, fisher, loss_and_kl, loss.item(), max_kl=self.max_kl,
+                           damping=self.damping, cg_iters=self.cg_iters)
+        direction = {k: theta[k].detach() - result.params[k] for k in theta}
+        like = loss.detach()
+        return MetaStep(direction=direction, metrics={
+            "loss": like,
+            tasks.objective.metric_name: metrics.detach().mean(),
+            "loss_after": like.new_tensor(result.loss_after),
+            "kl": like.new_tensor(result.kl),
+            "line_search_tries": like.new_tensor(float(result.tries)),
+            "step_accepted": like.new_tensor(float(result.accepted)),
+        })
