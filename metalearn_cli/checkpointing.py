@@ -119,8 +119,9 @@ class RunCheckpoints(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # no meta-iteration ran (trainer.max_steps=0, e.g. the untrained policy of the MAML paper's "random"
-        # row): the initialisation is the run's model, saved so that it is tested and can be scored again
-        if not self.last_path.exists() and not self.stopped:
+        # row): the initialisation is the run's model, saved so that it is tested and can be scored again.
+        # Decided from state every rank shares (saving is collective): rank 0 may not have renamed the file yet.
+        if self._last_saved_step != trainer.global_step and not self.stopped:
             self.save_last(trainer)
 
     def state_dict(self) -> dict[str, Any]:

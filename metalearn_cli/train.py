@@ -150,6 +150,8 @@ def log_hyperparameters(trainer: pl.Trainer, cfg: DictConfig, choices: dict, sum
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.log_hyperparams(flat, metrics)
+            # written now, not by the writer's background flush after the command has returned (in-process callers)
+            logger.finalize("success")
 
 
 @hydra.main(version_base="1.3", config_path="pkg://metalearn_cli.configs", config_name="train")
