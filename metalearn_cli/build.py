@@ -177,11 +177,4 @@ def build_trainer(cfg: DictConfig, run_dir: Path | None, experiment: Experiment,
             f"`trainer.devices` = {cfg.trainer.get('devices')!r}: {detail} "
             "Use devices this machine has (e.g. trainer=cpu, or trainer.devices=1)."
         ) from None
-    if training and trainer.world_size > 1 and getattr(experiment.algorithm, "outer_optimizer", None) == "trpo":
-        raise MetalearnError(
-            f"`algo.outer_optimizer=trpo` trains in one process, and this trainer starts {trainer.world_size} "
-            f"(trainer.devices={cfg.trainer.get('devices')!r}, trainer.num_nodes={cfg.trainer.get('num_nodes', 1)!r}): "
-            "the trust-region step's conjugate gradient and line search are not split across ranks. "
-            "Use trainer=cpu or trainer.devices=1, or algo.outer_optimizer=adam for data-parallel training."
-        )
     return trainer

@@ -58,6 +58,17 @@ def all_reduce_weighted_mean_(tensors: Iterable[torch.Tensor | None], weight: fl
     set_weighted_mean_(tensors, flat)
 
 
+def weighted_mean_over_ranks(value: torch.Tensor, weight: float) -> torch.Tensor:
+    """A copy of `value` averaged over the ranks, each weighted by `weight` (see `all_reduce_weighted_mean_`);
+    `value` itself in one process. A trust-region step's reduction (`TrustRegion.reduce`): ranks that
+    hold parts of a meta-batch combine their parts' means into the whole batch's."""
+    if not is_distributed():
+        return value
+    out = value.detach().clone()
+    all_reduce_weighted_mean_([out], weight)
+    return out
+
+
 def all_reduce_advance_(counters: list[torch.Tensor], before: list[torch.Tensor]) -> None:
     """Counters that every rank advanced from the same `before` by counting its own part of the work
     (Reptile's carried Adam step count): each becomes `before` plus the sum of the ranks' advances."""

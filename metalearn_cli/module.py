@@ -15,7 +15,8 @@ from torch import nn
 
 from metalearn_cli.algorithms.base import Algorithm, Evaluation
 from metalearn_cli.functional import FunctionalModel
-from metalearn_cli.distributed import all_reduce_advance_, all_reduce_weighted_mean_, gather_rows, is_distributed
+from metalearn_cli.distributed import (all_reduce_advance_, all_reduce_weighted_mean_, gather_rows, is_distributed,
+                                       weighted_mean_over_ranks)
 from metalearn_cli.errors import MetalearnError
 from metalearn_cli.run_folder import CHECKPOINT_KEY
 from metalearn_cli.stats import summarize
@@ -49,6 +50,11 @@ class MetaLearner(pl.LightningModule):
         self.summaries: dict[str, dict] = {}
         #: the last evaluation's [tasks, steps + 1] scores per split, in the order the ranks' shares are gathered
         self.task_scores: dict[str, torch.Tensor] = {}
+        trust_region = getattr(algorithm, "trust_region", None)
+        if trust_region is not None:
+            # a TRPO step's gradient, Fisher products and line search are the whole meta-batch's, and under
+            # DDP each rank holds a part: the ranks combine them as they combine any step (by the parts' sizes)
+            trust_region.reduce = weighted_mean_over_ranks
 
     # -- optimisation ------------------------------------------------------------------------
     def on_train_start(self) -> None:

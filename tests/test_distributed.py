@@ -6,12 +6,15 @@ checked without processes: each rank's meta-step on its part, combined as the ra
 (`distributed.weighted_flat`, summed as the all-reduce sums, `set_weighted_mean_`), is the step of
 the whole meta-batch."""
 
+import copy
 import csv
+import threading
 
 import pytest
 import torch
 
 from metalearn_cli.algorithms import MAML, Finetune, MAMLpp, MetaSGD, ProtoNet, Reptile
+from metalearn_cli.algorithms.trpo import flat
 from metalearn_cli.data.images import ImageClasses, ImageTasks
 from metalearn_cli.data.sinusoid import Sinusoid
 from metalearn_cli.distributed import set_weighted_mean_, weighted_flat
@@ -136,3 +139,98 @@ def test_uneven_parts_weighted_by_their_size_make_the_meta_step_of_the_whole_bat
         torch.testing.assert_close(got, want)
     # an unweighted mean of the two parts is not the whole batch's step
     assert not torch.allclose((parts[0][0][0] + parts[1][0][0]) / 2, whole[0])
+
+
+# -- the trust-region step (TRPO) ----------------------------------------------------------------
+
+class ThreadRanks:
+    """A weighted all-reduce between threads, each one rank: what `distributed.weighted_mean_over_ranks`
+    does between processes, as a `TrustRegion.reduce`."""
+
+    def __init__(self, world: int) -> None:
+        self.barrier = threading.Barrier(world, timeout=60)
+        self.slots: list = [None] * world
+        self.calls = [0] * world
+
+    def reduce_of(self, rank: int):
+        def reduce(value: torch.Tensor, weight: float) -> torch.Tensor:
+            self.calls[rank] += 1
+            self.slots[rank] = (value.detach().clone(), weight)
+            self.barrier.wait()
+            out = sum(v * w for v, w in self.slots) / sum(w for _, w in self.slots)
+            self.barrier.wait()  # every rank has read the slots before any overwrites its own
+            return out
+
+        return reduce
+
+
+def test_ranks_holding_parts_of_the_meta_batch_take_the_trpo_step_of_the_whole_batch():
+    """5 tasks as 3 and 2 on two ranks (threads): with the ranks' gradients, Fisher-vector products and line
+    search combined weighted by their parts' sizes, each rank takes the whole batch's step (second-order
+    MAML, float64); without the combination a part's step is another one."""
+    # random linear classification tasks (each task's labels the argmax of its own linear map): a Fisher
+    # whose conjugate gradient does not amplify rounding in its last iterations
+    generator = torch.Generator().manual_seed(10)
+    torch.manual_seed(10)
+    model = MLP((4,), 3, hidden=(16,)).double()
+    maps = torch.randn(5, 4, 3, generator=generator, dtype=torch.float64)
+    support, query = (torch.randn(5, n, 4, generator=generator, dtype=torch.float64) for n in (8, 10))
+    whole = TaskBatch(support, (support @ maps).argmax(-1), query, (query @ maps).argmax(-1))
+    parts = [TaskBatch(*(t[part] for t in whole.tensors())) for part in (slice(0, 3), slice(3, 5))]
+
+    def trpo() -> MAML:
+        return MAML(inner_lr=0.3, inner_steps=1, eval_inner_steps=1, outer_lr=1e-3, outer_optimizer="trpo", max_kl=0.01)
+
+    expected = trpo().meta_step(FunctionalModel(model), whole)
+    assert expected.metrics["step_accepted"] == 1
+    ranks, steps, errors = ThreadRanks(2), [None, None], []
+
+    def rank(r: int) -> None:
+        try:
+            algorithm = trpo()
+            algorithm.trust_region.reduce = ranks.reduce_of(r)
+            steps[r] = algorithm.meta_step(FunctionalModel(copy.deepcopy(model)), parts[r])
+        except BaseException as error:  # noqa: BLE001 - reported by the test thread
+            errors.append(error)
+            ranks.barrier.abort()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    # the gradient with the loss, 11 Fisher-vector products (10 CG iterations and the curvature), each try
+    assert ranks.calls[0] == ranks.calls[1] == 12 + int(expected.metrics["line_search_tries"])
+    for step in steps:
+        for name, direction in expected.direction.items():
+            torch.testing.assert_close(step.direction[name], direction, rtol=1e-9, atol=1e-12)
+        for key in ("loss_after", "kl", "line_search_tries", "step_accepted"):
+            torch.testing.assert_close(step.metrics[key], expected.metrics[key], rtol=1e-9, atol=1e-12)
+    alone = trpo().meta_step(FunctionalModel(model), parts[0])
+    assert not torch.allclose(flat(alone.direction), flat(expected.direction))
+
+
+#: MAML-TRPO on nav2d, 5 tasks (3 and 2 on two ranks) of 2 episodes of 10 steps, 2 meta-iterations. In
+#: float32 the last of the 10 conjugate-gradient iterations amplify rounding: one process that merely
+#: chunks its tasks otherwise (algo.task_chunk=3) moves the parameters by ~1e-3 from the unchunked run,
+#: as 2 ranks do; with 3 iterations both agree to ~1e-7.
+NAV2D_TRPO = ["data=nav2d", "data.horizon=10", "sampler.meta_batch_size=5", "sampler.shots=2", "sampler.queries=2",
+              "algo.outer_optimizer=trpo", "algo.trpo_cg_iters=3", "trainer.max_steps=2",
+              "trainer.val_check_interval=100000", "eval.num_tasks=2", "eval.val_tasks=2",
+              "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "logger=csv"]
+
+
+def test_two_ranks_take_the_trpo_steps_of_one_process_on_episodes(run_cli, metalearn, tmp_path):
+    metalearn("train", *NAV2D_TRPO, "hydra.run.dir=single", check=True)
+    proc = run_cli("train", *NAV2D_TRPO, "trainer=ddp_cpu", "hydra.run.dir=ddp", check=True, timeout=600)
+    assert "Starting with 2 processes" in proc.stdout + proc.stderr
+    rows = [[row for row in csv.DictReader((tmp_path / run / "metrics.csv").open()) if row.get("train/kl")]
+            for run in ("single", "ddp")]
+    assert len(rows[0]) == len(rows[1]) == 2 and all(float(row["train/step_accepted"]) == 1 for row in rows[0])
+    for key in ("train/loss_after", "train/kl", "train/line_search_tries", "train/step_accepted"):
+        assert [float(r[key]) for r in rows[1]] == pytest.approx([float(r[key]) for r in rows[0]], rel=1e-5)
+    single = torch.load(tmp_path / "single/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    ddp = torch.load(tmp_path / "ddp/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    for key, value in single.items():
+        torch.testing.assert_close(ddp[key], value, rtol=1e-5, atol=1e-6)

@@ -17,7 +17,6 @@ from metalearn_cli.algorithms.inner_optim import InnerSGD
 from metalearn_cli.algorithms.trpo import AdaptationFisher, conjugate_gradient, flat, hessian_vector_product, trpo_step
 from metalearn_cli.build import build_experiment, build_tasks, build_trainer
 from metalearn_cli.data.sinusoid import Sinusoid
-from metalearn_cli.errors import MetalearnError
 from metalearn_cli.models import MLP, Conv4
 from metalearn_cli.module import MetaLearner
 from metalearn_cli.options import OptionError
@@ -261,10 +260,10 @@ def test_trpo_settings_are_checked_by_maml(compose_cfg):
     assert parts.algorithm.outer_optimizer == "trpo" and parts.algorithm.first_order
 
 
-def test_trpo_refuses_a_multi_process_trainer(compose_cfg, tmp_path):
+def test_trpo_builds_a_multi_process_trainer(compose_cfg, tmp_path):
+    """The ranks combine the step's quantities (tests/test_distributed.py); nothing is refused."""
     cfg = compose_cfg("algo.outer_optimizer=trpo", "trainer=ddp_cpu", "~logger")
-    with pytest.raises(MetalearnError, match=r"`algo.outer_optimizer=trpo` trains in one process, and this trainer starts 2"):
-        build_trainer(cfg, tmp_path, build_experiment(cfg), training=True)
+    assert build_trainer(cfg, tmp_path, build_experiment(cfg), training=True).world_size == 2
 
 
 # -- evaluation's step sizes ------------------------------------------------------------------

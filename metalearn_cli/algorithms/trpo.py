@@ -167,6 +167,11 @@ class TRPOStep:
     accepted: bool
 
 
+def no_reduction(value: Tensor) -> Tensor:
+    """The means of one process's tasks are the means over all tasks."""
+    return value
+
+
 def trpo_step(
     theta: Params,
     gradient: Params,
@@ -178,18 +183,27 @@ def trpo_step(
     cg_iters: int = 10,
     backtrack_ratio: float = BACKTRACK_RATIO,
     max_backtracks: int = MAX_BACKTRACKS,
+    reduce: Callable[[Tensor], Tensor] = no_reduction,
 ) -> TRPOStep:
     """One TRPO step from theta (see the module docstring).
 
     gradient: of the loss at theta. fisher_product: v -> F v at theta on flat vectors (without damping;
     `AdaptationFisher`, or `hessian_vector_product` of the KL). loss_and_kl(candidate): the loss at the
     candidate parameters and the mean KL from theta's predictive distributions to the candidate's
-    (evaluated without a graph). loss_before: the loss at theta."""
+    (evaluated without a graph). loss_before: the loss at theta.
+
+    reduce: where these are means over only a part of the tasks (a process's share of the meta-batch),
+    the mean over all tasks of such a part's mean. Every quantity the step uses passes through it: the
+    gradient with the loss before, each F v, and each candidate's loss with its KL. Then every part
+    holds the same vectors, so conjugate gradient follows the same path and the line search accepts the
+    same step in all of them."""
     theta = {k: v.detach() for k, v in theta.items()}
     g = flat({k: gradient[k].detach() for k in theta})
+    reduced = reduce(torch.cat([g, g.new_tensor([loss_before])]))
+    g, loss_before = reduced[:-1], reduced[-1].item()
 
     def damped(v: Tensor) -> Tensor:
-        return fisher_product(v) + damping * v
+        return reduce(fisher_product(v)) + damping * v
 
     with torch.no_grad():
         direction = conjugate_gradient(lambda v: damped(v).detach(), g, cg_iters)
@@ -199,10 +213,15 @@ def trpo_step(
     for j in range(max_backtracks):
         tries += 1
         candidate = {k: theta[k] - p for k, p in unflat(backtrack_ratio**j * full_step, theta).items()}
-        loss, kl = loss_and_kl(candidate)
+        loss, kl = reduce(g.new_tensor(loss_and_kl(candidate))).tolist()
         if loss < loss_before and kl <= max_kl:
             return TRPOStep(candidate, loss_before, float(loss), float(kl), tries, True)
     return TRPOStep(theta, loss_before, loss_before, 0.0, tries, False)
+
+
+def whole_batch(value: Tensor, weight: float) -> Tensor:
+    """`TrustRegion.reduce` where the tasks a step sees are the whole meta-batch."""
+    return value
 
 
 #: how a part of the tasks gets its [t, ...] parameters from theta: (model, theta, part, differentiable) -> params,
@@ -214,12 +233,19 @@ class TrustRegion:
     """The TRPO outer step of an algorithm: its settings, checked as given, and one meta-iteration.
 
     max_kl: the limit on the mean KL between the predictive distributions (policies) before and after the
-    step. damping: added to the Fisher-vector products. cg_iters: conjugate-gradient iterations."""
+    step. damping: added to the Fisher-vector products. cg_iters: conjugate-gradient iterations.
+
+    `reduce(value, weight)`: how a mean over the tasks this step sees (`weight` of them) becomes the mean
+    over the whole meta-batch. The step's math needs every quantity whole (see `trpo_step`), but which
+    part of the meta-batch this process holds is the trainer's business, not the algorithm's: the
+    trainer sets it (data-parallel: a weighted all-reduce over the ranks), and by default the tasks seen
+    are the whole meta-batch."""
 
     def __init__(self, max_kl: float = 0.01, damping: float = 1e-5, cg_iters: int = 10) -> None:
         self.max_kl = options.number("max_kl", max_kl, "the KL limit of a TRPO step")
         self.damping = options.number("trpo_damping", damping, "added to the Fisher-vector products", strict=False)
         self.cg_iters = options.integer("trpo_cg_iters", cg_iters, "conjugate-gradient iterations per TRPO step")
+        self.reduce: Callable[[Tensor, float], Tensor] = whole_batch
 
     @staticmethod
     def configure_optimizers(parameters: Iterable[nn.Parameter]) -> dict:
@@ -262,9 +288,12 @@ class TrustRegion:
             return total_loss / num_tasks, total_kl / num_tasks
 
         result = trpo_step(theta, gradient, fisher, loss_and_kl, loss.item(), max_kl=self.max_kl,
-                           damping=self.damping, cg_iters=self.cg_iters)
+                           damping=self.damping, cg_iters=self.cg_iters,
+                           reduce=lambda value: self.reduce(value, float(num_tasks)))
         direction = {k: theta[k].detach() - result.params[k] for k in theta}
         like = loss.detach()
+        # the loss and metric are this part's means, combined by whoever holds the parts; the step's own
+        # numbers are the whole batch's already, the same in every part
         return MetaStep(direction=direction, metrics={
             "loss": like,
             tasks.objective.metric_name: metrics.detach().mean(),
