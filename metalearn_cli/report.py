@@ -164,10 +164,7 @@ def plot_val_curves(runs: list[dict], out: Path, title: str) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     path = out / "report_val_curves.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _saved(fig, path)
 
 
 def configurations(runs: list[dict]) -> dict[str, list[dict]]:
@@ -227,10 +224,7 @@ def plot_adaptation(runs: list[dict], out: Path, title: str) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     path = out / "report_adaptation.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _saved(fig, path)
 
 
 def plot_against_hyperparameters(runs: list[dict], out: Path, title: str) -> list[Path]:
@@ -266,10 +260,7 @@ def plot_against_hyperparameters(runs: list[dict], out: Path, title: str) -> lis
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         path = out / f"report_{key.replace('/', '_').replace('.', '_')}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_saved(fig, path))
     return paths
 
 
@@ -351,8 +342,14 @@ def plot_sinusoid(runs: list[dict], out: Path, title: str, max_runs: int = 12) -
         ax.axis("off")
     axes.flat[0].legend(fontsize=7, loc="lower left")
     fig.suptitle(f"Sinusoid adaptation (test task 0, inner lr {algo.eval_inner_lr}): {title}")
+    return _saved(fig, out / "report_sinusoid.png")
+
+
+def _saved(fig, path: Path) -> Path:
+    """Write a finished figure to `path` (laid out, 120 dpi) and free it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    path = out / "report_sinusoid.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
