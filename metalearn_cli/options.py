@@ -23,8 +23,13 @@ class OptionError(MetalearnError, ValueError):
         return OptionError(self.template, f"{group}.")
 
 
+def _literal(text: str) -> str:
+    """`text` kept as it is by the template's str.format (values and hints may hold braces: dicts, configs)."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
 def invalid(key: str, value: Any, allowed: str) -> OptionError:
-    return OptionError(f"invalid value for `{{p}}{key}`: {value!r}. Allowed: {allowed}. "
+    return OptionError(f"invalid value for `{{p}}{key}`: {_literal(repr(value))}. Allowed: {_literal(allowed)}. "
                        f"Set it on the command line, e.g. `{{p}}{key}=...`.")
 
 
