@@ -22,6 +22,8 @@ class TaskSource(ABC):
     name: str
     #: the classes meta-training draws from: "train", or "trainval" (`data.train_on`, image data)
     train_on: str = "train"
+    #: whether the meta-training split carries labels (`data.labeled=false`: one pool of unlabeled images)
+    labeled: bool = True
 
     @property
     def validation_held_out(self) -> bool:
