@@ -92,10 +92,7 @@ def build_tasks(cfg: DictConfig) -> Parts:
             f"`model=conv4` needs images, but the data gives inputs of shape {tuple(source.input_shape)}. "
             f"Use model={fitting} for this data, or an image data set (data=omniglot, folder, mnist, cifar_fs, miniimagenet)."
         )
-    if hasattr(source, "check_task_shape"):
-        shots = {"train": sampler.train_shots, "val": sampler.shots, "test": sampler.shots}
-        ways = {"train": sampler.train_ways, "val": sampler.ways, "test": sampler.ways}
-        source.check_task_shape(ways, shots, sampler.queries)
+    sampler.check_source(source)
     model = _build(cfg, "model", input_shape=source.input_shape, out_features=source.output_dim(sampler.ways))
     if hasattr(source, "check_model"):  # a source whose tasks need more than outputs (RL: a Gaussian policy)
         source.check_model(model)

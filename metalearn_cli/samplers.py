@@ -83,6 +83,28 @@ class EpisodicSampler:
         self.train_ways = train_ways or ways
         self._epoch_orders: dict[tuple[int, int], torch.Tensor] = {}
 
+    def check_source(self, source: TaskSource) -> None:
+        """Fail early, naming the key, if `source` cannot give this sampler's tasks: meta-training tasks from
+        its labelled training classes, validation and test tasks from its labelled val and test classes."""
+        if not getattr(source, "labeled", True):
+            raise MetalearnError(
+                f"`data.labeled` = false: the training images of {source.name} have no labels, and `sampler=episodic` "
+                "draws meta-training tasks from labelled classes. Use sampler=umtra (tasks of augmented copies) or "
+                "sampler=cactus (tasks of clusters), which build them from unlabeled images."
+            )
+        if hasattr(source, "check_task_shape"):
+            shots = {"train": self.train_shots, "val": self.shots, "test": self.shots}
+            ways = {"train": self.train_ways, "val": self.ways, "test": self.ways}
+            source.check_task_shape(ways, shots, self.queries)
+
+    def train_classes(self) -> int:
+        """How many classes the labels of meta-training tasks (`TaskBatch.classes`) index: what a head over every
+        training class (algo=finetune's pre-training) needs."""
+        return self.source.num_classes("train")
+
+    def prepare_training(self) -> None:
+        """Work meta-training needs before its first batch (none here; CACTUs clusters its images)."""
+
     def train_batch(self, seed: int, step: int, rank: int = 0, world_size: int = 1) -> TaskBatch:
         """The meta-batch of meta-iteration `step`; with world_size > 1, this rank's share of it."""
         generator = generator_for(seed, "train", step)

@@ -18,6 +18,8 @@ def run_summary(experiment, cfg: DictConfig, choices: dict, ckpt: Path | str, sp
         data=choices.get("data"),
         train_on=experiment.source.train_on,
         model=choices.get("model"),
+        # how meta-training tasks were made (episodic: labelled classes; umtra, cactus: unlabeled images)
+        sampler=choices.get("sampler", "episodic"),
         ways=experiment.sampler.ways,
         shots=experiment.sampler.shots,
         queries=experiment.sampler.queries,

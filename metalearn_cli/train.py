@@ -71,6 +71,8 @@ def train(cfg: DictConfig) -> float | None:
 
     quiet_third_party()
     experiment = build_experiment(cfg, choices, tasks)
+    # before the run's Trainer exists: CACTUs's SimCLR encoder is a Lightning run of its own
+    experiment.sampler.prepare_training()
     trainer = build_trainer(cfg, run_dir, experiment, training=True)
     refuse_relaunch_in_a_sweep(trainer)
     checkpoints = next(cb for cb in trainer.callbacks if isinstance(cb, RunCheckpoints))

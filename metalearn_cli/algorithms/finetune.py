@@ -101,7 +101,7 @@ class Finetune(Algorithm):
                 )
             return {}
         features = model.head.in_features
-        classes = source.num_classes("train")
+        classes = sampler.train_classes()  # the training labels: the data's classes, or an unlabeled sampler's own
         if self.head == "cosine":
             self.classifier = CosineClassifier(features, classes, cosine_scale(classes))
         else:

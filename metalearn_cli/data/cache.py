@@ -36,8 +36,10 @@ def fingerprint(paths: Iterable[Path], *extra: object) -> str:
     return digest.hexdigest()[:16]
 
 
-def cached(cache_dir: str | os.PathLike | None, name: str, key: str, build: Callable[[], dict]) -> dict:
-    """Load `<cache_dir>/<name>-<key>.pt`, or build it, save it atomically and return it."""
+def cached(cache_dir: str | os.PathLike | None, name: str, key: str, build: Callable[[], dict],
+           setting: str = "data.cache_dir") -> dict:
+    """Load `<cache_dir>/<name>-<key>.pt`, or build it, save it atomically and return it (`setting`: the key
+    that chose the folder, named if it cannot be written)."""
     folder = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     path = folder / f"{name}-{key}.pt"
     if path.exists():
@@ -54,8 +56,8 @@ def cached(cache_dir: str | os.PathLike | None, name: str, key: str, build: Call
         os.replace(tmp, path)
     except OSError as error:
         raise MetalearnError(
-            f"the image cache folder `data.cache_dir` = {str(folder)!r} cannot be written ({error.strerror or error}). "
-            "Set `data.cache_dir` (or the METALEARN_CACHE_DIR environment variable) to a writable folder."
+            f"the cache folder `{setting}` = {str(folder)!r} cannot be written ({error.strerror or error}). "
+            f"Set `{setting}` (or the METALEARN_CACHE_DIR environment variable) to a writable folder."
         ) from None
     return data
 

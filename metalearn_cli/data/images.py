@@ -194,6 +194,12 @@ class ImageTasks(TaskSource):
             images = classes.pixels[rows]
         return self.inputs(images), labels
 
+    # -- unlabeled meta-training (UMTRA, CACTUs): the images alone ---------------------------------
+    def unlabeled_images(self, split: str) -> torch.Tensor:
+        """uint8 [M, C, H, W]: every image of `split` once, in storage order, and nothing about its class: the
+        class grouping (counts, names) is never read, so the result does not depend on the labels."""
+        return self.splits[split].pixels
+
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images -> the model's inputs, as every task of this source is made: floats in [0, 1],
         1 - x where the source inverts (Omniglot's strokes)."""
