@@ -4,7 +4,6 @@ that hold at least K + Q images, and K + Q images of each."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch

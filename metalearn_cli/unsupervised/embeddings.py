@@ -3,7 +3,6 @@ trained here on the same unlabeled images, or the features of a user's own metal
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import torch
