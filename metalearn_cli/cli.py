@@ -18,6 +18,8 @@ commands:
   episodes  episode files: export a run's test tasks, make Omniglot within-alphabet episodes (metalearn episodes --help)
   bench     time our meta-iteration against the textbook per-task loop (metalearn bench --help)
   report    tables and plots of a sweep: metalearn report multirun/<date>/<time>
+  compress  prune (and meta-fine-tune) or quantize a checkpoint: metalearn compress ckpt=... compress.prune=0.75
+  export    adapt a checkpoint to a support set and write it as ONNX or TorchScript: metalearn export ckpt=... support=DIR
 
 Each command takes Hydra overrides (algo=reptile seed=3), -m for sweeps, --cfg job, --help, --info.
 """
@@ -84,6 +86,8 @@ COMMANDS = {
     "episodes": "metalearn_cli.episode_commands",
     "bench": "metalearn_cli.bench",
     "report": "metalearn_cli.report",
+    "compress": "metalearn_cli.compress",
+    "export": "metalearn_cli.export_model",
 }
 
 

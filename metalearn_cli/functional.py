@@ -12,6 +12,9 @@ kernel, chosen beneath every algorithm by `metalearn_cli.execution.Execution`:
 
 All three are plain autograd functions of `params`, so an inner loop differentiates them with
 `torch.autograd.grad` (and, for MAML, the outer loop differentiates through that).
+
+A pruned network carries its masks (`pruning`, `metalearn_cli.masks`); `masked(params)` zeroes the
+pruned entries, which `adapt` does after every inner step, so no algorithm needs to know of them.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from metalearn_cli import batched
+from metalearn_cli.masks import ParameterMasks
 from metalearn_cli.models import MetaBatchNorm2d
 
 Params = dict[str, Tensor]
@@ -35,13 +39,27 @@ INNER_PARAMS = ("all", "no_bn", "head")
 class FunctionalModel:
     """An `nn.Module` used as the pure function f(params, x)."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, pruning: ParameterMasks | None = None) -> None:
         self.module = module
         #: batch-norm layers with running statistics (modes frozen and per_step)
         self.stat_layers = [m for m in module.modules() if isinstance(m, MetaBatchNorm2d) and m.mode != "transductive"]
+        #: the pruning masks every inner and outer update keeps (`metalearn_cli.masks`); None: a dense network
+        self.pruning = pruning
 
     def params(self) -> Params:
         return dict(self.module.named_parameters())
+
+    @property
+    def masks(self) -> dict[str, Tensor]:
+        """name -> boolean mask (False: the weight is pruned) of the masked parameters; {} for a dense network."""
+        return {} if self.pruning is None else self.pruning.by_name()
+
+    def masked(self, params: Params) -> Params:
+        """`params` (shared [*shape] or per-task [T, *shape]) with the pruned entries set to zero."""
+        masks = self.masks
+        if not masks:
+            return params
+        return {k: v * masks[k] if k in masks else v for k, v in params.items()}
 
     def inner_keys(self, which: str = "all") -> list[str]:
         """The names of the parameters an inner loop adapts; the others keep the initialisation's

@@ -18,6 +18,7 @@ from metalearn_cli.functional import FunctionalModel
 from metalearn_cli.distributed import (all_reduce_advance_, all_reduce_weighted_mean_, gather_rows, is_distributed,
                                        weighted_mean_over_ranks)
 from metalearn_cli.errors import MetalearnError
+from metalearn_cli.masks import MASKS, ParameterMasks
 from metalearn_cli.run_folder import CHECKPOINT_KEY
 from metalearn_cli.stats import summarize
 from metalearn_cli.tasks import Objective, Tasks
@@ -41,7 +42,7 @@ class MetaLearner(pl.LightningModule):
         self.extras = nn.ModuleDict(extras or {})  # e.g. the pre-training head of Baseline/Baseline++
         self.algorithm = algorithm
         self.objective = objective
-        self.fmodel = FunctionalModel(self.model)
+        self.fmodel = FunctionalModel(self.model, self.extras[MASKS] if MASKS in self.extras else None)
         self.metadata = metadata
         self.automatic_optimization = False  # Reptile's update is not a loss; MAML's is one backward
         self._evaluations: dict[str, list[Evaluation]] = {"val": [], "test": []}
@@ -55,6 +56,28 @@ class MetaLearner(pl.LightningModule):
             # a TRPO step's gradient, Fisher products and line search are the whole meta-batch's, and under
             # DDP each rank holds a part: the ranks combine them as they combine any step (by the parts' sizes)
             trust_region.reduce = weighted_mean_over_ranks
+
+    # -- pruning -----------------------------------------------------------------------------
+    @property
+    def pruning(self) -> ParameterMasks | None:
+        return self.fmodel.pruning
+
+    def prune(self, masks: ParameterMasks) -> None:
+        """Make the model a pruned one: its masked weights are set to zero now and stay zero through every inner
+        step and meta-update that follows; the masks are saved in checkpoints (`extras.masks.*`)."""
+        masks = masks.to(next(self.model.parameters()).device)
+        self.extras[MASKS] = masks
+        self.fmodel.pruning = masks
+        masks.zero_(self.model)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """A pruned model's checkpoint brings its masks: they are made (with the right shapes) before loading, so
+        `metalearn eval`, a resume and a further compression of it keep them."""
+        if self.pruning is None:
+            masks = ParameterMasks.in_state_dict(self.model, state_dict, f"extras.{MASKS}.")
+            if masks is not None:
+                self.prune(masks)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # -- optimisation ------------------------------------------------------------------------
     def on_train_start(self) -> None:
@@ -79,7 +102,8 @@ class MetaLearner(pl.LightningModule):
 
     def _meta_iteration(self, batch: Tasks) -> None:
         optimizer = self.optimizers()
-        counters = [b for b in self.buffers() if not b.is_floating_point()] if is_distributed() else []
+        # step counts; pruning masks (boolean) are fixed, the same in every rank
+        counters = [b for b in self.buffers() if not b.is_floating_point() and b.dtype != torch.bool] if is_distributed() else []
         before = [c.clone() for c in counters]
         step = self.algorithm.meta_step(self.fmodel, batch, iteration=self.global_step)
         optimizer.zero_grad(set_to_none=True)
@@ -98,7 +122,11 @@ class MetaLearner(pl.LightningModule):
         weight = step.weight_on(batch)
         metrics = {k: v.detach().clone() for k, v in step.metrics.items()}
         all_reduce_weighted_mean_([p.grad for p in self.parameters()] + list(metrics.values()), weight)
+        if self.pruning is not None:
+            self.pruning.zero_grads_(self.model)
         optimizer.step()  # Lightning counts this call as one global step
+        if self.pruning is not None:  # whatever the optimizer's update (a direction, momentum, weight decay)
+            self.pruning.zero_(self.model)
         self.algorithm.record_statistics(self.fmodel, batch)
         # Running statistics (batch norm's, Reptile's carried Adam moments) are moving averages that one
         # process updates task after task, which no mean of the ranks' reproduces exactly. Weighted, each

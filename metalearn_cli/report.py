@@ -13,7 +13,9 @@ overrides, `test.json` and `metrics.csv`, then writes next to the sweep:
   is the line "untrained");
 * `report_<key>.png`: the test metric against each swept hyperparameter (mean ± CI per value);
 * `report_sinusoid.png` (sinusoid runs): the MAML paper's Figure 2 view for each run: the true
-  function, the K support points and the predictions before and after 1 and 10 inner steps.
+  function, the K support points and the predictions before and after 1 and 10 inner steps;
+* `report_sparsity.png` (`metalearn compress` runs): the compressed network's test metric (± 95% CI) against
+  its sparsity, one line per kind of pruning and meta-fine-tuning, the dense checkpoint's as a horizontal line.
 """
 
 from __future__ import annotations
@@ -345,6 +347,50 @@ def plot_sinusoid(runs: list[dict], out: Path, title: str, max_runs: int = 12) -
     return _saved(fig, out / "report_sinusoid.png")
 
 
+def plot_sparsity(runs: list[dict], out: Path, title: str) -> Path | None:
+    """Compress runs: test metric (mean ± 95% CI over the test tasks) against sparsity, a line per kind of pruning
+    (unstructured or structured) and number of meta-fine-tuning steps; each dense checkpoint's metric on the same
+    tasks is a horizontal line with its CI as a band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    compressed = [r["test"] for r in runs if r["test"] and "compression" in r["test"]]
+    if not compressed:
+        return None
+    metric = compressed[0]["metric"]
+    scale = 100.0 if metric == "acc" else 1.0
+    lines: dict[str, list[dict]] = {}
+    for record in compressed:
+        done = record["compression"]
+        steps = done.get("finetune_steps", 0)
+        label = f"{'structured' if done.get('structured') else 'unstructured'}, " + (
+            f"meta-fine-tuned {steps} steps" if steps else "no meta-fine-tuning")
+        lines.setdefault(label, []).append(record)
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for label, records in sorted(lines.items()):
+        records = sorted(records, key=lambda r: r["sparsity"])
+        ax.errorbar([100 * r["sparsity"] for r in records], [scale * r["mean"] for r in records],
+                    yerr=[scale * r["ci95"] for r in records], fmt="o-", capsize=4, label=label)
+    dense = {r["dense"]["ckpt"]: r["dense"] for r in compressed}
+    for i, (ckpt, summary) in enumerate(dense.items()):
+        color = f"C{(len(lines) + i) % 10}"
+        mean, ci = scale * summary["mean"], scale * summary["ci95"]
+        name = "dense" if len(dense) == 1 else f"dense {Path(ckpt).parent.parent.name}"
+        ax.axhline(mean, color=color, linestyle="--", label=f"{name} ({mean:.2f} ± {ci:.2f})")
+        if math.isfinite(ci):
+            ax.axhspan(mean - ci, mean + ci, color=color, alpha=0.12)
+    ax.set_xlabel("sparsity (% of convolution and linear weights that are zero)")
+    ax.set_ylabel(f"test {metric}{' (%)' if metric == 'acc' else ''} after adaptation (mean ± 95% CI)")
+    if metric == "mse":
+        ax.set_yscale("log")
+    ax.set_title("\n".join(textwrap.wrap(f"Test {metric} against sparsity: {title}", 90)), fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return _saved(fig, out / "report_sparsity.png")
+
+
 def _saved(fig, path: Path) -> Path:
     """Write a finished figure to `path` (laid out, 120 dpi) and free it."""
     import matplotlib.pyplot as plt
@@ -376,6 +422,7 @@ def main(argv: list[str] | None = None) -> None:
         written += [p for p in [plot_adaptation(runs, out, title)] if p]
         written += plot_against_hyperparameters(runs, out, title)
         written += [p for p in [plot_sinusoid(runs, out, title)] if p]
+        written += [p for p in [plot_sparsity(runs, out, title)] if p]
         print("wrote " + ", ".join(str(p) for p in written))
     except MetalearnError as error:
         report_error(error)

@@ -58,13 +58,9 @@ def train(cfg: DictConfig) -> float | None:
             print(f"Resuming {cfg.ckpt_path} with settings that differ from its run's: {'; '.join(changed)}.", file=sys.stderr)
     seed_everything(int(cfg.seed))  # before build_tasks builds the model, whose initialisation it fixes
     tasks = build_tasks(cfg)  # every owner's checks, before Lightning is imported
-    import pytorch_lightning as pl
-    from pytorch_lightning.utilities.exceptions import SIGTERMException
-
     from metalearn_cli.build import build_experiment, build_trainer
-    from metalearn_cli.checkpointing import RunCheckpoints
     from metalearn_cli.console import quiet_third_party
-    from metalearn_cli.interrupts import StoppedDuringValidation, StopRequest, scoring_ends_on_sigterm
+    from metalearn_cli.interrupts import scoring_ends_on_sigterm
     from metalearn_cli.run_folder import write_json_atomic
     from metalearn_cli.stats import format_table
     from metalearn_cli.summary import describe_result, run_summary
@@ -74,16 +70,7 @@ def train(cfg: DictConfig) -> float | None:
     # before the run's Trainer exists: CACTUs's SimCLR encoder is a Lightning run of its own
     experiment.sampler.prepare_training()
     trainer = build_trainer(cfg, run_dir, experiment, training=True)
-    refuse_relaunch_in_a_sweep(trainer)
-    checkpoints = next(cb for cb in trainer.callbacks if isinstance(cb, RunCheckpoints))
-    started = time.time()
-    with StopRequest() as stop:
-        checkpoints.stop = stop
-        try:
-            trainer.fit(experiment.module, datamodule=experiment.datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
-        except (SIGTERMException, StoppedDuringValidation):
-            pass  # a stop in the middle of a validation (or Lightning's own SIGTERM); last.ckpt is written
-    train_seconds = time.time() - started
+    stop, checkpoints, train_seconds = fit_until_done_or_stopped(trainer, experiment, cfg.ckpt_path)
     if stop.requested or checkpoints.stopped:
         last = checkpoints.last_path
         overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("ckpt_path=", "hydra.run.dir="))]
@@ -118,6 +105,27 @@ def objective_value(best_val: float | None, mode: str) -> float | None:
     if best_val is None:
         return None
     return best_val if mode == "min" else -best_val
+
+
+def fit_until_done_or_stopped(trainer: pl.Trainer, experiment, ckpt_path: str | None):
+    """Trainer.fit of `experiment` from `ckpt_path` (None: from the start), ended by its last meta-iteration or
+    by a signal (Ctrl-C, SIGTERM: last.ckpt is written). Returns (the StopRequest, which says whether a signal
+    came, the RunCheckpoints callback, the seconds fit took)."""
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from metalearn_cli.checkpointing import RunCheckpoints
+    from metalearn_cli.interrupts import StoppedDuringValidation, StopRequest
+
+    refuse_relaunch_in_a_sweep(trainer)
+    checkpoints = next(cb for cb in trainer.callbacks if isinstance(cb, RunCheckpoints))
+    started = time.time()
+    with StopRequest() as stop:
+        checkpoints.stop = stop
+        try:
+            trainer.fit(experiment.module, datamodule=experiment.datamodule, ckpt_path=ckpt_path, weights_only=True)
+        except (SIGTERMException, StoppedDuringValidation):
+            pass  # a stop in the middle of a validation (or Lightning's own SIGTERM); last.ckpt is written
+    return stop, checkpoints, time.time() - started
 
 
 def refuse_relaunch_in_a_sweep(trainer: pl.Trainer) -> None:

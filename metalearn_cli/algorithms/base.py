@@ -82,6 +82,7 @@ def adapt(
         otherwise each step starts from detached parameters (evaluation, Reptile).
     batches: [T, steps, b] support examples each step sees (None: the whole support set).
     after_step(k, params): sees the parameters after step k (in the caller's grad mode).
+    A pruned model's masks (`FunctionalModel.masked`) are applied after every step.
     Tasks are independent, so the gradient of the sum of their losses with respect to the per-task
     parameters is every task's own gradient."""
     params = batched.expand(theta, tasks.num_tasks)
@@ -101,7 +102,8 @@ def adapt(
         else:
             with torch.no_grad():
                 adapted, state = optimizer.step({k: v.detach() for k, v in leaves.items()}, grads, state)
-        params = {**params, **adapted}
+        # a pruned network's zeros hold through every inner step, whatever the update
+        params = {**params, **model.fmodel.masked(adapted)}
         if after_step is not None:
             after_step(step + 1, params)
     return params, state
@@ -255,8 +257,6 @@ class Algorithm(ABC):
         """
         steps = self.eval_inner_steps if steps is None else steps
         theta = {k: v.detach() for k, v in fmodel.params().items()}
-        optimizer = self.eval_optimizer()
-        keys = self.inner_keys(fmodel)
         indices = self.eval_support_indices(tasks, steps)
         extra = () if indices is None else (indices.to(tasks.device),)
 
@@ -273,8 +273,42 @@ class Algorithm(ABC):
                     report.update(last)
 
             score(0, batched.expand(theta, part.num_tasks))
-            adapt(model, theta, part, steps, optimizer, keys, batches=index[0] if index else None, after_step=score)
+            self.eval_adapt(model, theta, part, steps, index[0] if index else None, after_step=score)
             return torch.stack(out, dim=1), report
 
         scores, report = self.execution.run(scores, fmodel, tasks, *extra)
         return Evaluation(scores.detach(), {name: value.detach() for name, value in report.items()})
+
+    def eval_adapt(self, model: TaskModel, theta: Params, tasks: Tasks, steps: int, batches: Tensor | None = None,
+                   after_step: Callable[[int, Params], None] | None = None) -> Params:
+        """Evaluation's adaptation: `steps` steps of `eval_optimizer` from theta on each task's support set (the
+        examples `batches` names at each step, where given), on the parameters `inner_keys` names."""
+        return adapt(model, theta, tasks, steps, self.eval_optimizer(), self.inner_keys(model.fmodel),
+                     batches=batches, after_step=after_step)[0]
+
+    # -- one adapted task as a network of its own (`metalearn export`) -----------------------------
+    def adapted_network(self, fmodel: FunctionalModel, task: Tasks) -> nn.Module:
+        """The predictor `evaluation` scores `task` (one supervised task) with after its last adaptation step, as
+        a plain network (`metalearn_cli.compression.adapted`): theta adapted as `eval_adapt` adapts it, batch
+        norm fixed from the support set (or the stored statistics of that step). The module must be in eval
+        mode, as at test; algorithms that classify otherwise (ProtoNets, the fine-tune baselines) override this."""
+        from metalearn_cli.compression.adapted import fixed_network
+
+        task = one_task(task)
+        steps = self.eval_inner_steps
+        theta = {k: v.detach() for k, v in fmodel.params().items()}
+        indices = self.eval_support_indices(task, steps)
+        extra = () if indices is None else (indices.to(task.device),)
+        adapted = self.execution.run(
+            lambda model, part, *index: self.eval_adapt(model, theta, part, steps, index[0] if index else None), fmodel, task, *extra)
+        return fixed_network(fmodel, {k: v[0] for k, v in adapted.items()}, task.support_x[0], steps)
+
+
+def one_task(task: Tasks) -> "TaskBatch":
+    """`task` if it is one supervised task (what an adapted network is made from)."""
+    from metalearn_cli.tasks import TaskBatch
+
+    if not isinstance(task, TaskBatch) or task.num_tasks != 1:
+        count = getattr(task, "num_tasks", "?")
+        raise TypeError(f"an adapted network is made from one supervised task (a TaskBatch of 1 task), not {type(task).__name__} of {count}")
+    return task

@@ -28,14 +28,14 @@ losses of given parameters.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from metalearn_cli import options
-from metalearn_cli.algorithms.base import Algorithm, Evaluation, MetaStep
+from metalearn_cli.algorithms.base import Algorithm, Evaluation, MetaStep, one_task
 from metalearn_cli.algorithms.inner_optim import InnerSGD
 from metalearn_cli.algorithms.trpo import OUTER_OPTIMIZERS, TrustRegion
 from metalearn_cli.batched import expand
@@ -101,7 +101,8 @@ class Finetune(Algorithm):
                 )
             return {}
         features = model.head.in_features
-        classes = sampler.train_classes()  # the training labels: the data's classes, or an unlabeled sampler's own
+        # the training labels: the data's classes, or the pseudo-classes of an unlabeled sampler's tasks
+        classes = source.num_classes("train") if sampler is None else sampler.train_classes()
         if self.head == "cosine":
             self.classifier = CosineClassifier(features, classes, cosine_scale(classes))
         else:
@@ -188,61 +189,104 @@ class Finetune(Algorithm):
             return super().evaluation(fmodel, tasks, steps)
         tasks = supervised(tasks, self.name)
         steps = self.eval_inner_steps if steps is None else steps
-        ways = int(tasks.support_y.max()) + 1
         theta = {k: v.detach() for k, v in fmodel.params().items()}
-        features = fmodel.module.head.in_features
-        scale = cosine_scale(ways)
-        optimizer = InnerSGD(self.eval_inner_lr, self.eval_momentum, self.eval_weight_decay)
         objective = tasks.objective
-        # the new head starts at zero (linear) or, for cosine, at small seeded random weights
+
+        def scores(model: TaskModel, part: TaskBatch, weight0: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+            out: list[Tensor] = []
+            last: list[Tensor] = []
+
+            def score(step: int, predictions: Tensor) -> None:
+                out.append(objective.task_metric(predictions, part.query_y))
+                last[:] = [predictions]
+
+            self.fit_head(model, part, theta, weight0, steps, after_step=score)
+            return torch.stack(out, dim=1), objective.task_report(last[0], part.query_y)
+
+        scores, report = self.execution.run(scores, fmodel, tasks, self.head_init(fmodel, tasks))
+        return Evaluation(scores.detach(), {name: value.detach() for name, value in report.items()})
+
+    def head_init(self, fmodel: FunctionalModel, tasks: TaskBatch) -> Tensor:
+        """[T, ways, F]: where each task's new head starts. A linear head starts at zero (it takes only the
+        shape); a cosine head at small random weights drawn from the batch's seed."""
+        ways = int(tasks.support_y.max()) + 1
         generator = torch.Generator().manual_seed(tasks.seed)
-        init = torch.randn(tasks.num_tasks, ways, features, generator=generator).to(tasks.support_x) * 0.01
+        return torch.randn(tasks.num_tasks, ways, fmodel.module.head.in_features, generator=generator).to(tasks.support_x) * 0.01
+
+    def fit_head(self, model: TaskModel, part: TaskBatch, theta: Params, weight0: Tensor, steps: int,
+                 after_step: Callable[[int, Tensor], None] | None = None) -> dict:
+        """Evaluation's adaptation of `part`: a new head (with `finetune_backbone`, and the backbone) trained on
+        the support set by `steps` steps of SGD with momentum and weight decay, from `weight0` ([T, ways, F],
+        `head_init`). Returns {"head": {"weight", "bias" (linear)}} and, with finetune_backbone, "backbone":
+        the adapted parameters, each [T, ...]. after_step(k, logits) sees the query logits [T, Q, ways] before
+        the first step (k = 0) and after each step k."""
+        scale = cosine_scale(weight0.shape[1])
+        optimizer = InnerSGD(self.eval_inner_lr, self.eval_momentum, self.eval_weight_decay)
+        objective = part.objective
 
         def logits(head: dict, feats: Tensor) -> Tensor:  # feats [T, n, F] -> [T, n, ways]
             if self.head == "cosine":
                 return cosine_logits(feats, head["weight"], scale)
             return feats @ head["weight"].transpose(-1, -2) + head["bias"].unsqueeze(1)
 
-        def scores(model: TaskModel, part: TaskBatch, weight0: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-            if self.head == "cosine":  # scale * cos(feature, weight): no bias
-                head = {"weight": weight0}
-            else:
-                head = {"weight": torch.zeros_like(weight0), "bias": torch.zeros_like(weight0[..., 0])}
-            if self.finetune_backbone:  # adapt backbone and head together
-                params = {"head": head, "backbone": expand(theta, part.num_tasks)}
+        if self.head == "cosine":  # scale * cos(feature, weight): no bias
+            head = {"weight": weight0}
+        else:
+            head = {"weight": torch.zeros_like(weight0), "bias": torch.zeros_like(weight0[..., 0])}
+        if self.finetune_backbone:  # adapt backbone and head together
+            params = {"head": head, "backbone": expand(theta, part.num_tasks)}
 
-                def forward(p: dict, which: str) -> Tensor:
-                    return logits(p["head"], part.features(model, p["backbone"], which))
-            else:  # the paper's protocol: features of the frozen backbone, computed once
+            def forward(p: dict, which: str) -> Tensor:
+                return logits(p["head"], part.features(model, p["backbone"], which))
+        else:  # the paper's protocol: features of the frozen backbone, computed once
+            with torch.no_grad():
+                feats = {which: part.features(model, expand(theta, part.num_tasks), which) for which in ("support", "query")}
+            params = {"head": head}
+
+            def forward(p: dict, which: str) -> Tensor:
+                return logits(p["head"], feats[which])
+
+        def query(step: int, p: dict) -> None:  # the [T, Q, ways] logits, without a graph
+            if after_step is not None:
                 with torch.no_grad():
-                    feats = {which: part.features(model, expand(theta, part.num_tasks), which) for which in ("support", "query")}
-                params = {"head": head}
+                    after_step(step, forward(p, "query"))
 
-                def forward(p: dict, which: str) -> Tensor:
-                    return logits(p["head"], feats[which])
+        state = optimizer.init(params)
+        query(0, params)
+        for step in range(steps):
+            leaves = tree_map(lambda t: t.detach().requires_grad_(True), params)
+            with torch.enable_grad():
+                losses = objective.task_loss(forward(leaves, "support"), part.support_y)
+                flat, spec = tree_flatten(leaves)
+                # the model's own head is not used by the features: its gradient is zero
+                grads = tree_unflatten(list(torch.autograd.grad(losses.sum(), flat, allow_unused=True, materialize_grads=True)), spec)
+            with torch.no_grad():
+                params, state = optimizer.step(tree_map(Tensor.detach, leaves), grads, state)
+                if "backbone" in params:  # a pruned backbone keeps its zeros (weight decay and momentum move them)
+                    params["backbone"] = model.fmodel.masked(params["backbone"])
+            query(step + 1, params)
+        return params
 
-            def query(p: dict) -> Tensor:  # [T, Q, ways] logits, without a graph
-                with torch.no_grad():
-                    return forward(p, "query")
+    def adapted_network(self, fmodel: FunctionalModel, task: Tasks) -> nn.Module:
+        """Classification: the backbone (adapted too with `finetune_backbone`) with the head `fit_head` trains on
+        the support set, batch norm fixed from the support set; otherwise the adapted model itself."""
+        if self.classifier is None:
+            return super().adapted_network(fmodel, task)
+        from metalearn_cli.compression.adapted import EmbeddingClassifier, fixed_network
 
-            state = optimizer.init(params)
-            predictions = query(params)
-            out = [objective.task_metric(predictions, part.query_y)]
-            for _ in range(steps):
-                leaves = tree_map(lambda t: t.detach().requires_grad_(True), params)
-                with torch.enable_grad():
-                    losses = objective.task_loss(forward(leaves, "support"), part.support_y)
-                    flat, spec = tree_flatten(leaves)
-                    # the model's own head is not used by the features: its gradient is zero
-                    grads = tree_unflatten(list(torch.autograd.grad(losses.sum(), flat, allow_unused=True, materialize_grads=True)), spec)
-                with torch.no_grad():
-                    params, state = optimizer.step(tree_map(Tensor.detach, leaves), grads, state)
-                predictions = query(params)
-                out.append(objective.task_metric(predictions, part.query_y))
-            return torch.stack(out, dim=1), objective.task_report(predictions, part.query_y)
-
-        scores, report = self.execution.run(scores, fmodel, tasks, init)
-        return Evaluation(scores.detach(), {name: value.detach() for name, value in report.items()})
+        task = supervised(one_task(task), self.name)
+        theta = {k: v.detach() for k, v in fmodel.params().items()}
+        fitted = self.execution.run(lambda model, part, weight0: self.fit_head(model, part, theta, weight0, self.eval_inner_steps),
+                                    fmodel, task, self.head_init(fmodel, task))
+        backbone = {k: v[0] for k, v in fitted["backbone"].items()} if self.finetune_backbone else theta
+        weight = fitted["head"]["weight"][0]
+        ways, features = weight.shape
+        head = CosineClassifier(features, ways, cosine_scale(ways)) if self.head == "cosine" else nn.Linear(features, ways)
+        with torch.no_grad():
+            head.weight.copy_(weight)
+            if self.head != "cosine":
+                head.bias.copy_(fitted["head"]["bias"][0])
+        return EmbeddingClassifier(fixed_network(fmodel, backbone, task.support_x[0], 0), head.requires_grad_(False))
 
 
 def supervised(tasks: Tasks, algorithm: str) -> TaskBatch:

@@ -15,21 +15,25 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from metalearn_cli import options
 from metalearn_cli.errors import MetalearnError
-from metalearn_cli.algorithms.base import Algorithm, Evaluation, MetaStep
+from metalearn_cli.algorithms.base import Algorithm, Evaluation, MetaStep, one_task
 from metalearn_cli.batched import expand
 from metalearn_cli.functional import FunctionalModel, TaskModel
 from metalearn_cli.tasks import TaskBatch, Tasks
 
 
+def class_prototypes(support: Tensor, labels: Tensor, ways: int) -> Tensor:
+    """support [T, S, F] with labels [T, S] in 0..ways-1 -> [T, ways, F], the mean embedding of each class."""
+    one_hot = F.one_hot(labels, ways).to(support.dtype)  # [T, S, N]
+    return one_hot.transpose(1, 2) @ support / one_hot.sum(1).unsqueeze(-1)
+
+
 def prototype_logits(support: Tensor, labels: Tensor, query: Tensor, ways: int) -> Tensor:
     """support [T, S, F] with labels [T, S] in 0..ways-1, query [T, Q, F] -> logits [T, Q, ways]."""
-    one_hot = F.one_hot(labels, ways).to(support.dtype)  # [T, S, N]
-    prototypes = one_hot.transpose(1, 2) @ support / one_hot.sum(1).unsqueeze(-1)  # [T, N, F]
-    return -torch.cdist(query, prototypes).pow(2)
+    return -torch.cdist(query, class_prototypes(support, labels, ways)).pow(2)
 
 
 class ProtoNet(Algorithm):
@@ -93,6 +97,22 @@ class ProtoNet(Algorithm):
 
         with torch.no_grad():
             return Evaluation(*self.execution.run(scores, fmodel, tasks))
+
+    def adapted_network(self, fmodel: FunctionalModel, task: Tasks) -> nn.Module:
+        """The embedding with the task's class prototypes as its classifier: the logits of `query_logits`
+        (negative squared distances to the same prototypes), batch norm fixed from the support set."""
+        from metalearn_cli.compression.adapted import EmbeddingClassifier, PrototypeHead, fixed_network
+
+        task = labelled(one_task(task))
+        theta = {k: v.detach() for k, v in fmodel.params().items()}
+        ways = int(task.support_y.max()) + 1
+
+        def prototypes(model: TaskModel, part: TaskBatch) -> Tensor:
+            return class_prototypes(part.features(model, expand(theta, part.num_tasks), "support"), part.support_y, ways)
+
+        with torch.no_grad():
+            centres = self.execution.run(prototypes, fmodel, task)[0]
+        return EmbeddingClassifier(fixed_network(fmodel, theta, task.support_x[0], 0), PrototypeHead(centres))
 
     def record_statistics(self, fmodel: FunctionalModel, tasks: Tasks) -> None:
         """Running batch-norm statistics (model.bn=frozen) from the support sets' embeddings."""
