@@ -274,7 +274,7 @@ def compress(cfg: DictConfig) -> dict:
     from metalearn_cli.train import seed_everything
 
     seed_everything(int(run.seed))
-    from metalearn_cli.build import build_experiment, build_trainer
+    from metalearn_cli.build import build_trainer
     from metalearn_cli.compression.footprint import SPARSE_FORMAT, counts, dense_bytes, save_sparse
     from metalearn_cli.compression.pruning import sparsity
     from metalearn_cli.console import quiet_third_party
@@ -282,16 +282,8 @@ def compress(cfg: DictConfig) -> dict:
     from metalearn_cli.summary import describe_result, run_summary, write_task_scores
 
     quiet_third_party()
-    experiment = build_experiment(run, scoring.choices, scoring.parts)
+    experiment = scoring.experiment("Compress", run)
     module = experiment.module
-    try:
-        module.load_state_dict(scoring.checkpoint["state_dict"])
-    except RuntimeError as error:
-        detail = " ".join(str(error).split())[:300]
-        raise MetalearnError(
-            f"the weights in `ckpt` = {cfg.ckpt!r} do not fit the model built from its config with your overrides "
-            f"({detail}). Compress with the training run's model settings."
-        ) from None
     scoring.check_ways(experiment.algorithm)
     groups, rows = scoring.test_tasks()
     experiment.datamodule.set_fixed_tasks("test", groups)

@@ -31,7 +31,7 @@ from metalearn_cli.errors import MetalearnError, exits_cleanly
 from metalearn_cli.run_folder import CHECKPOINT_KEY, append_jsonl, read_checkpoint, register_resolvers, run_dir_of_checkpoint, write_json_atomic
 
 if TYPE_CHECKING:
-    from metalearn_cli.build import Parts
+    from metalearn_cli.build import Experiment, Parts
     from metalearn_cli.episodes import EpisodeFile
     from metalearn_cli.samplers import EpisodicSampler
 
@@ -191,6 +191,22 @@ class Scoring:
     def task_seed(self) -> int:
         return int(self.run_cfg.eval.task_seed)
 
+    def experiment(self, verb: str, cfg: DictConfig | None = None) -> "Experiment":
+        """The checkpoint's run built from `cfg` (default: `build_cfg`) with the checkpoint's weights loaded;
+        weights that do not fit the user's overrides are a clean error (`verb`: what the command does)."""
+        from metalearn_cli.build import build_experiment
+
+        experiment = build_experiment(self.build_cfg if cfg is None else cfg, self.choices, self.parts)
+        try:
+            experiment.module.load_state_dict(self.checkpoint["state_dict"])
+        except RuntimeError as error:
+            detail = " ".join(str(error).split())[:300]
+            raise MetalearnError(
+                f"the weights in `ckpt` = {self.ckpt!r} do not fit the model built from its config with your overrides "
+                f"({detail}). {verb} with the training run's model settings."
+            ) from None
+        return experiment
+
     def check_ways(self, algorithm) -> None:
         """Tasks with another number of classes than the model's output layer has are refused where the
         algorithm scores through that layer (after `extra_modules`: the fine-tune baselines build their
@@ -299,22 +315,14 @@ def prepare(cfg: DictConfig, overrides: list[str], episodes_allowed: bool = True
 
 def evaluate(cfg: DictConfig) -> dict:
     scoring = prepare(cfg, list(HydraConfig.get().overrides.task))
-    from metalearn_cli.build import build_experiment, build_trainer
+    from metalearn_cli.build import build_trainer
     from metalearn_cli.console import quiet_third_party
     from metalearn_cli.interrupts import scoring_ends_on_sigterm
     from metalearn_cli.stats import format_table
     from metalearn_cli.summary import describe_result, run_summary, write_task_scores
 
     quiet_third_party()
-    experiment = build_experiment(scoring.build_cfg, scoring.choices, scoring.parts)
-    try:
-        experiment.module.load_state_dict(scoring.checkpoint["state_dict"])
-    except RuntimeError as error:
-        detail = " ".join(str(error).split())[:300]
-        raise MetalearnError(
-            f"the weights in `ckpt` = {cfg.ckpt!r} do not fit the model built from its config with your overrides "
-            f"({detail}). Evaluate with the training run's model settings."
-        ) from None
+    experiment = scoring.experiment("Evaluate")
     scoring.check_ways(experiment.algorithm)
     groups, rows = scoring.test_tasks()
     experiment.datamodule.set_fixed_tasks("test", groups)

@@ -99,20 +99,11 @@ def export(cfg: DictConfig) -> dict:
             f"{scoring.record['trained_on']}, {trained.objective.name} on inputs of shape {tuple(trained.input_shape)}. "
             f"Export a checkpoint trained on image classification data ({IMAGE_DATA})."
         )
-    from metalearn_cli.build import build_experiment
     from metalearn_cli.compression.formats import short, temporary_beside
     from metalearn_cli.console import quiet_third_party
 
     quiet_third_party()
-    experiment = build_experiment(scoring.build_cfg, scoring.choices, scoring.parts)
-    try:
-        experiment.module.load_state_dict(scoring.checkpoint["state_dict"])
-    except RuntimeError as error:
-        detail = " ".join(str(error).split())[:300]
-        raise MetalearnError(
-            f"the weights in `ckpt` = {cfg.ckpt!r} do not fit the model built from its config with your overrides "
-            f"({detail}). Export with the training run's model settings."
-        ) from None
+    experiment = scoring.experiment("Export")
     algorithm = experiment.algorithm
     if request.task is not None:
         target = task_target(scoring, algorithm, request.task)
