@@ -64,6 +64,8 @@ class CompressSettings:
     pruning: "Pruning"
     finetune_steps: int
     latency_repeats: int
+    #: "int8": each adapted task's network is also quantized and scored (None: float only)
+    quantize: str | None = None
 
     @classmethod
     def of(cls, section: DictConfig) -> "CompressSettings":
@@ -75,13 +77,25 @@ class CompressSettings:
                 options.integer("finetune_steps", section.finetune_steps,
                                 "meta-iterations of meta-fine-tuning with the masks fixed; 0: none", minimum=0),
                 options.integer("latency_repeats", section.latency_repeats, "timed forward passes of each network"),
+                quantize_setting(section.get("quantize")),
             )
         except options.OptionError as error:
             raise error.under("compress") from None
 
     def as_config(self) -> dict:
         return {"prune": float(self.pruning.fraction), "structured": self.pruning.structured,
-                "finetune_steps": self.finetune_steps, "latency_repeats": self.latency_repeats}
+                "finetune_steps": self.finetune_steps, "latency_repeats": self.latency_repeats, "quantize": self.quantize}
+
+
+#: `compress.quantize` values besides null (float only)
+QUANTIZE = ("int8",)
+
+
+def quantize_setting(value) -> str | None:
+    if value is None or value in QUANTIZE:
+        return value
+    raise options.invalid("quantize", value, "null (score the float network only) or int8 (also quantize each adapted "
+                          "task's network to int8 and score it beside float)")
 
 
 def _key(override: str) -> str:
@@ -167,6 +181,13 @@ def check_supported(scoring: Scoring, settings: CompressSettings) -> None:
             "episodes the policy collects, without query inputs to time. `metalearn compress` takes checkpoints of "
             f"supervised data ({', '.join(SUPPORTED_OBJECTIVES)}): data=omniglot, folder, mnist, cifar_fs, miniimagenet, sinusoid."
         )
+    model = scoring.parts.model if settings.quantize else None
+    if settings.quantize and not getattr(model, "quantizable", False):
+        raise MetalearnError(
+            f"`compress.quantize` = {settings.quantize}, but the checkpoint's model, model={scoring.choices.get('model')} "
+            f"({type(model).__name__}), has no int8 form here. Allowed: compress.quantize=null for this checkpoint; "
+            "int8 takes checkpoints of model=conv4 or model=mlp."
+        )
     algorithm = scoring.parts.algorithm
     if settings.finetune_steps and getattr(algorithm, "outer_optimizer", "adam") == "trpo":
         raise MetalearnError(
@@ -250,6 +271,74 @@ def query_latency(experiment: "Experiment", dense_state: dict, task, repeats: in
                       "dense and compressed alternating, on the CPU"}
 
 
+def quantized_scores(experiment: "Experiment", scoring: Scoring, groups: list, repeats: int) -> dict:
+    """Every test task adapted in float as evaluation adapts it (`Algorithm.adapted_network`), its network then
+    quantized to int8 (`compression.quantization`) and both scored on the task's queries: the record's
+    `quantization` section, with `per_task` {"float", "int8"} scores in task order (popped by the caller).
+    Transductive batch norm is fixed with the query batch's statistics, as evaluation normalises the queries,
+    and the activation ranges are observed on the same batch; other modes use the stored statistics and the
+    support set."""
+    import time
+
+    import torch
+
+    from metalearn_cli.compression.adapted import statistics_images
+    from metalearn_cli.compression.footprint import side_by_side_ms
+    from metalearn_cli.compression.quantization import SCHEME, engine, file_bytes, quantize_int8
+    from metalearn_cli.stats import mean_ci95
+
+    start = time.perf_counter()
+    module = experiment.module.cpu().eval()
+    algorithm, objective = experiment.algorithm, scoring.parts.source.objective
+    transductive = any(getattr(layer, "mode", None) == "transductive" for layer in module.model.modules())
+    bn_batch = "query" if transductive else "support"
+    total = sum(group.num_tasks for group in groups)
+    per_task = {"float": torch.empty(total), "int8": torch.empty(total)}
+    print(f"quantizing {total} adapted networks to int8 ({engine()} kernels) and scoring each beside float ...", file=sys.stderr)
+    index, first = 0, None
+    for group in groups:
+        group = group.to(torch.device("cpu"))
+        for i in range(group.num_tasks):
+            task = group.slice(i, i + 1)
+            network = algorithm.adapted_network(module.fmodel, task, bn_batch)
+            try:
+                int8 = quantize_int8(network, statistics_images(task, bn_batch))
+            except Exception as error:  # FX tracing or a missing int8 kernel: the model's structure, not the user's input
+                raise MetalearnError(
+                    f"`compress.quantize` = int8: the adapted network of model={scoring.choices.get('model')} "
+                    f"({type(network).__name__}) could not be quantized ({type(error).__name__}: {error}). "
+                    "Allowed: compress.quantize=null for this checkpoint."
+                ) from None
+            with torch.no_grad():
+                for kind, net in (("float", network), ("int8", int8)):
+                    per_task[kind][scoring.positions[index]] = objective.task_metric(net(task.query_x[0])[None], task.query_y)[0]
+            if first is None:
+                first = (network, int8, task.query_x[0])
+            index += 1
+    network, int8, queries = first
+    with torch.inference_mode():
+        latency = side_by_side_ms({"float": lambda: network(queries), "int8": lambda: int8(queries)}, repeats)
+    float_mean, float_ci = mean_ci95(per_task["float"].double())
+    int8_mean, int8_ci = mean_ci95(per_task["int8"].double())
+    difference, difference_ci = mean_ci95(per_task["int8"].double() - per_task["float"].double())
+    return {
+        **SCHEME,
+        "engine": engine(),
+        "bn_batch": bn_batch,
+        "calibration": f"each task's {bn_batch} images" + (" (transductive, as evaluation)" if transductive else ""),
+        "float": {"mean": float_mean, "ci95": float_ci},
+        "int8": {"mean": int8_mean, "ci95": int8_ci},
+        "difference": {"mean": difference, "ci95": difference_ci, "of": "int8 minus float, task by task, after the last step"},
+        "file_bytes": file_bytes(int8),
+        "float_file_bytes": file_bytes(network),
+        "file": "torch.save of test task 0's adapted network's state dict, int8 and float",
+        "latency_ms": {**{name: round(ms, 4) for name, ms in latency.items()}, "repeats": repeats,
+                       "threads": torch.get_num_threads(), "queries": int(queries.shape[0]), "task": 0},
+        "seconds": round(time.perf_counter() - start, 1),
+        "per_task": per_task,
+    }
+
+
 def compress(cfg: DictConfig) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if OmegaConf.is_missing(cfg, "ckpt") or not cfg.ckpt:
@@ -303,6 +392,10 @@ def compress(cfg: DictConfig) -> dict:
     if settings.finetune_steps:
         ckpt, trainer, steps, best_step, train_seconds = finetune(cfg, run, run_dir, experiment)
         compressed, scores = score(experiment, scoring, trainer, str(ckpt))
+    elif settings.pruning.fraction == 0:  # quantize only: the network is the checkpoint's, already scored
+        trainer, compressed, scores = tester, copy.deepcopy(dense), dense_scores.clone()
+        ckpt = run_dir / "checkpoints" / "last.ckpt"
+        save_checkpoint(trainer, ckpt)
     else:
         trainer = build_trainer(scoring.run_cfg, None, experiment, training=False)
         compressed, scores = score(experiment, scoring, trainer)
@@ -310,6 +403,7 @@ def compress(cfg: DictConfig) -> dict:
         save_checkpoint(trainer, ckpt)
     if not trainer.is_global_zero:
         return compressed
+    quantized = quantized_scores(experiment, scoring, groups, settings.latency_repeats) if settings.quantize else None
 
     pruned, prunable = sparsity(module.pruning)
     parameters, nonzero = counts(module.model)
@@ -326,6 +420,7 @@ def compress(cfg: DictConfig) -> dict:
             "pruned": "convolution and linear weights (not biases, not batch norm)",
             "masked_tensors": list(module.pruning.names),
             "finetune_steps": settings.finetune_steps,
+            "quantize": settings.quantize,
             "steps": steps,
             "best_step": best_step,
             "train_seconds": round(train_seconds, 1),
@@ -351,6 +446,12 @@ def compress(cfg: DictConfig) -> dict:
     last = f"{metric}_step{compressed['inner_steps']}"
     for row, value in zip(rows, dense_scores[:, -1].numpy()):
         row[f"dense_{last}"] = str(value)  # numpy's shortest text, as the other columns
+    if quantized is not None:
+        per_task = quantized.pop("per_task")
+        for kind in ("float", "int8"):
+            for row, value in zip(rows, per_task[kind].numpy()):
+                row[f"{kind}_{last}"] = str(value)
+        record["quantization"] = quantized
     write_task_scores(run_dir / TASK_SCORES, metric, scores, rows)
     append_jsonl(run_dir / "evals.jsonl", record)
     write_json_atomic(run_dir / "test.json", record)
@@ -366,6 +467,19 @@ def describe(record: dict) -> str:
     scale, unit = (100.0, "%") if record["metric"] == "acc" else (1.0, "")
     dense, diff, latency = record["dense"], record["difference"], record["latency_ms"]
     kind = "structured" if record["compression"]["structured"] else "unstructured"
+    lines = []
+    if "quantization" in record:
+        q = record["quantization"]
+        lines = [
+            f"int8: float {q['float']['mean'] * scale:.4f}{unit} ± {q['float']['ci95'] * scale:.4f}{unit} -> int8 "
+            f"{q['int8']['mean'] * scale:.4f}{unit} ± {q['int8']['ci95'] * scale:.4f}{unit}; paired difference "
+            f"{q['difference']['mean'] * scale:+.4f}{unit} ± {q['difference']['ci95'] * scale:.4f}{unit} "
+            f"(batch norm from the {q['bn_batch']} batch, {q['engine']} kernels)",
+            f"int8: one adapted network {q['file_bytes']:,} bytes against {q['float_file_bytes']:,} in float "
+            f"({q['float_file_bytes'] / q['file_bytes']:.2f}x smaller); CPU latency of {q['latency_ms']['queries']} queries: "
+            f"float {q['latency_ms']['float']:.3f} ms, int8 {q['latency_ms']['int8']:.3f} ms "
+            f"({q['latency_ms']['float'] / q['latency_ms']['int8']:.2f}x)",
+        ]
     return "\n".join([
         f"dense {dense['mean'] * scale:.4f}{unit} ± {dense['ci95'] * scale:.4f}{unit} -> compressed "
         f"{record['mean'] * scale:.4f}{unit} ± {record['ci95'] * scale:.4f}{unit}; paired difference on the same "
@@ -375,6 +489,7 @@ def describe(record: dict) -> str:
         f"against {record['dense_file_bytes']:,} dense ({record['dense_file_bytes'] / record['file_bytes']:.2f}x smaller)",
         f"CPU latency of {latency['queries']} queries: dense {latency['dense']:.3f} ms, compressed {latency['compressed']:.3f} ms "
         f"(median of {latency['repeats']}, {latency['threads']} threads)",
+        *lines,
     ])
 
 

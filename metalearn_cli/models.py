@@ -20,6 +20,9 @@ CONV4_INITS = ("pytorch", "reference")
 class MLP(nn.Module):
     """Fully connected ReLU network; the MAML paper's sinusoid model is MLP((1,), 1, hidden=(40, 40))."""
 
+    #: an adapted copy has an int8 form (`metalearn_cli.compression.quantization`)
+    quantizable = True
+
     def __init__(self, input_shape: Sequence[int], out_features: int, hidden: Sequence[int] = (40, 40)) -> None:
         super().__init__()
         sizes = [math.prod(input_shape), *hidden]
@@ -40,6 +43,9 @@ class GaussianMLP(MLP):
     deviation. Initialised as the reference code's: Glorot-uniform weights, zero biases, standard
     deviation exp(init_log_std) (1). The tasks read the mean from the forward pass and `log_std` from the
     parameters (`metalearn_cli.tasks.episodes`)."""
+
+    #: a policy's log standard deviation is read outside the forward pass, which an int8 copy would drop
+    quantizable = False
 
     def __init__(self, input_shape: Sequence[int], out_features: int, hidden: Sequence[int] = (100, 100),
                  init_log_std: float = 0.0) -> None:
@@ -125,6 +131,9 @@ class Conv4(nn.Module):
     code's: Glorot-uniform convolutions, zero biases and a head drawn from N(0, 1), whose weights are
     about 14 times PyTorch's (with 64 features), which changes the size of the inner loop's steps.
     """
+
+    #: an adapted copy (batch norm fixed) has an int8 form (`metalearn_cli.compression.quantization`)
+    quantizable = True
 
     def __init__(
         self,

@@ -220,6 +220,51 @@ def test_sparse_storage_round_trips_and_is_smaller():
     assert buffer.getbuffer().nbytes / size > 3.0  # 9 bits a weight instead of 32 at 75% sparsity
 
 
+# -- int8 --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["conv4", "protonet", "cosine", "mlp"])
+def test_int8_copy_runs_int8_kernels_and_stays_close_to_float(kind):
+    """An adapted network's int8 copy: its convolutions (batch norm folded, ReLU fused) and linear layers are
+    int8 modules, and its outputs stay close to the float network's on the calibration batch; heads without
+    int8 kernels (prototype distances, cosine) run in float after it."""
+    from torch.ao.nn import quantized as nnq
+    from torch.ao.nn.intrinsic import quantized as nniq
+
+    from metalearn_cli.compression.adapted import EmbeddingClassifier, PrototypeHead
+    from metalearn_cli.compression.quantization import file_bytes, quantize_int8
+    from metalearn_cli.models import CosineClassifier
+
+    torch.manual_seed(0)
+    if kind == "mlp":
+        network, x = MLP((1,), 1).eval(), torch.linspace(-5, 5, 50)[:, None]
+    else:
+        conv = Conv4((1, 28, 28), 5, channels=32, bn="frozen")
+        with torch.no_grad():
+            for layer in conv.modules():
+                if hasattr(layer, "running_var"):
+                    layer.running_var.fill_(0.5)
+        from metalearn_cli.compression.adapted import fixed_network
+        from metalearn_cli.functional import FunctionalModel
+
+        fmodel = FunctionalModel(conv.eval())
+        x = torch.rand(25, 1, 28, 28)
+        network = fixed_network(fmodel, {k: v.detach() for k, v in fmodel.params().items()}, x, 0)
+        if kind == "protonet":
+            network = EmbeddingClassifier(network, PrototypeHead(torch.randn(5, 32)))
+        elif kind == "cosine":
+            network = EmbeddingClassifier(network, CosineClassifier(32, 5, 10.0))
+    int8 = quantize_int8(network, x)
+    kinds = {type(m) for m in int8.modules()}
+    assert (nniq.LinearReLU if kind == "mlp" else nniq.ConvReLU2d) in kinds
+    assert kind in ("protonet", "cosine") or nnq.Linear in kinds
+    with torch.no_grad():
+        expected, got = network(x), int8(x)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    assert (got - expected).norm() <= 0.1 * expected.norm()
+    if kind == "conv4":
+        assert (got.argmax(1) == expected.argmax(1)).float().mean() >= 0.9
+        assert file_bytes(network) / file_bytes(int8) > 3.0
+
+
 # -- the command ----------------------------------------------------------------------------------------------
 def test_compress_record_report_and_the_compressed_checkpoint(metalearn, tmp_path, dense_ckpt):
     """A sweep of two compress runs: with prune=0 the compressed network scores exactly as the dense one on the
@@ -290,7 +335,30 @@ def test_meta_fine_tuning_keeps_the_zeros_and_resumes_exactly(metalearn, tmp_pat
     assert_clean_error(wrong, "compress.prune=0.6", "compress.prune=0.7", "other masks", status=2)
 
 
+def test_int8_record_scores_evaluations_predictor_quantized(metalearn, tmp_path, dense_ckpt):
+    """compress.quantize=int8 alone: the checkpoint is scored once (compressed = dense), every task's float
+    network gives evaluation's score after its last step (transductive batch norm fixed from the query batch),
+    and the int8 copies are scored beside it, task by task, with their file size and latency."""
+    metalearn("compress", f"ckpt={dense_ckpt}", "compress.quantize=int8", *TINY, "hydra.run.dir=q", check=True)
+    record = json.loads((tmp_path / "q/eval.json").read_text())
+    q = record["quantization"]
+    assert record["compression"]["quantize"] == "int8" and record["per_step"] == record["dense"]["per_step"]
+    assert q["bn_batch"] == "query" and q["engine"] in ("x86", "fbgemm", "qnnpack")
+    assert q["float"]["mean"] == pytest.approx(record["mean"], abs=1e-6)
+    assert 0 < q["file_bytes"] < q["float_file_bytes"]
+    assert q["latency_ms"]["float"] > 0 and q["latency_ms"]["int8"] > 0 and q["latency_ms"]["queries"] == 6
+    header, *rows = [line.split(",") for line in (tmp_path / "q/eval_tasks.csv").read_text().splitlines()]
+    assert len(rows) == 4
+    column = {name: i for i, name in enumerate(header)}
+    int8 = [float(row[column["int8_acc_step2"]]) for row in rows]
+    for row in rows:  # the float network is evaluation's predictor
+        assert float(row[column["float_acc_step2"]]) == pytest.approx(float(row[column["acc_step2"]]), abs=1e-6)
+    assert q["int8"]["mean"] == pytest.approx(np.mean(int8), abs=1e-6)
+    assert q["difference"]["mean"] == pytest.approx(q["int8"]["mean"] - q["float"]["mean"], abs=1e-6)
+
+
 @pytest.mark.parametrize("override, needles", [
+    ("compress.quantize=int4", ["`compress.quantize`", "'int4'", "int8"]),
     ("compress.prune=1.0", ["`compress.prune`", "1.0", "[0, 1)"]),
     ("compress.prune=-0.25", ["`compress.prune`", "-0.25", "[0, 1)"]),
     ("compress.prune=most", ["`compress.prune`", "'most'", "[0, 1)"]),
@@ -322,3 +390,12 @@ def test_a_missing_checkpoint_and_unsupported_ones_are_clean_errors(metalearn):
                                      parts=SimpleNamespace(source=SimpleNamespace(objective=CLASSIFICATION), algorithm=trpo))
     with pytest.raises(MetalearnError, match="compress.finetune_steps=0"):
         check_supported(classification, settings)
+    from metalearn_cli.models import GaussianMLP
+
+    int8 = CompressSettings.of(OmegaConf.create({"prune": 0.0, "structured": False, "finetune_steps": 0, "latency_repeats": 5,
+                                                 "quantize": "int8"}))
+    policy = SimpleNamespace(ckpt="p.ckpt", record={"trained_on": "sinusoid"}, choices={"model": "gaussian_mlp"},
+                             parts=SimpleNamespace(source=SimpleNamespace(objective=CLASSIFICATION), algorithm=None,
+                                                   model=GaussianMLP((2,), 2)))
+    with pytest.raises(MetalearnError, match="model=gaussian_mlp .GaussianMLP., has no int8 form"):
+        check_supported(policy, int8)

@@ -147,6 +147,21 @@ def test_transductive_statistics_are_the_support_sets():
     torch.testing.assert_close(alone, got, rtol=1e-5, atol=1e-5)  # each image on its own: batches do not matter
 
 
+@pytest.mark.parametrize("name", ["maml", "protonet", "finetune-linear", "reptile"])
+def test_query_statistics_give_transductive_evaluations_logits(name):
+    """Fixed from the query batch (`bn_batch="query"`, what int8 scoring quantizes): on queries other than the
+    support set, the network gives the logits transductive evaluation scores, which normalises them with their
+    own batch."""
+    model = _model("transductive")
+    algorithm, fmodel, task = _algorithm(name, model), FunctionalModel(model), _task(queries_are_support=False)
+    network = algorithm.adapted_network(fmodel, task, bn_batch="query")
+    with torch.no_grad():
+        got = network(task.query_x[0])
+    torch.testing.assert_close(got, _evaluation_logits(algorithm, fmodel, task), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="allowed: support, query"):
+        algorithm.adapted_network(fmodel, task, bn_batch="both")
+
+
 # -- the command ---------------------------------------------------------------------------------------
 def _png(path: Path, pixels: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)

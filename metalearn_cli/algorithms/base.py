@@ -287,12 +287,13 @@ class Algorithm(ABC):
                      batches=batches, after_step=after_step)[0]
 
     # -- one adapted task as a network of its own (`metalearn export`) -----------------------------
-    def adapted_network(self, fmodel: FunctionalModel, task: Tasks) -> nn.Module:
+    def adapted_network(self, fmodel: FunctionalModel, task: Tasks, bn_batch: str = "support") -> nn.Module:
         """The predictor `evaluation` scores `task` (one supervised task) with after its last adaptation step, as
         a plain network (`metalearn_cli.compression.adapted`): theta adapted as `eval_adapt` adapts it, batch
-        norm fixed from the support set (or the stored statistics of that step). The module must be in eval
-        mode, as at test; algorithms that classify otherwise (ProtoNets, the fine-tune baselines) override this."""
-        from metalearn_cli.compression.adapted import fixed_network
+        norm fixed from the `bn_batch` images ("support" or "query"; or the stored statistics of that step). The
+        module must be in eval mode, as at test; algorithms that classify otherwise (ProtoNets, the fine-tune
+        baselines) override this."""
+        from metalearn_cli.compression.adapted import fixed_network, statistics_images
 
         task = one_task(task)
         steps = self.eval_inner_steps
@@ -301,7 +302,7 @@ class Algorithm(ABC):
         extra = () if indices is None else (indices.to(task.device),)
         adapted = self.execution.run(
             lambda model, part, *index: self.eval_adapt(model, theta, part, steps, index[0] if index else None), fmodel, task, *extra)
-        return fixed_network(fmodel, {k: v[0] for k, v in adapted.items()}, task.support_x[0], steps)
+        return fixed_network(fmodel, {k: v[0] for k, v in adapted.items()}, statistics_images(task, bn_batch), steps)
 
 
 def one_task(task: Tasks) -> "TaskBatch":

@@ -267,12 +267,12 @@ class Finetune(Algorithm):
             query(step + 1, params)
         return params
 
-    def adapted_network(self, fmodel: FunctionalModel, task: Tasks) -> nn.Module:
+    def adapted_network(self, fmodel: FunctionalModel, task: Tasks, bn_batch: str = "support") -> nn.Module:
         """Classification: the backbone (adapted too with `finetune_backbone`) with the head `fit_head` trains on
-        the support set, batch norm fixed from the support set; otherwise the adapted model itself."""
+        the support set, batch norm fixed from the `bn_batch` images; otherwise the adapted model itself."""
         if self.classifier is None:
-            return super().adapted_network(fmodel, task)
-        from metalearn_cli.compression.adapted import EmbeddingClassifier, fixed_network
+            return super().adapted_network(fmodel, task, bn_batch)
+        from metalearn_cli.compression.adapted import EmbeddingClassifier, fixed_network, statistics_images
 
         task = supervised(one_task(task), self.name)
         theta = {k: v.detach() for k, v in fmodel.params().items()}
@@ -286,7 +286,7 @@ class Finetune(Algorithm):
             head.weight.copy_(weight)
             if self.head != "cosine":
                 head.bias.copy_(fitted["head"]["bias"][0])
-        return EmbeddingClassifier(fixed_network(fmodel, backbone, task.support_x[0], 0), head.requires_grad_(False))
+        return EmbeddingClassifier(fixed_network(fmodel, backbone, statistics_images(task, bn_batch), 0), head.requires_grad_(False))
 
 
 def supervised(tasks: Tasks, algorithm: str) -> TaskBatch:

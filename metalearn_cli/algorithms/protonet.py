@@ -98,10 +98,10 @@ class ProtoNet(Algorithm):
         with torch.no_grad():
             return Evaluation(*self.execution.run(scores, fmodel, tasks))
 
-    def adapted_network(self, fmodel: FunctionalModel, task: Tasks) -> nn.Module:
+    def adapted_network(self, fmodel: FunctionalModel, task: Tasks, bn_batch: str = "support") -> nn.Module:
         """The embedding with the task's class prototypes as its classifier: the logits of `query_logits`
-        (negative squared distances to the same prototypes), batch norm fixed from the support set."""
-        from metalearn_cli.compression.adapted import EmbeddingClassifier, PrototypeHead, fixed_network
+        (negative squared distances to the same prototypes), batch norm fixed from the `bn_batch` images."""
+        from metalearn_cli.compression.adapted import EmbeddingClassifier, PrototypeHead, fixed_network, statistics_images
 
         task = labelled(one_task(task))
         theta = {k: v.detach() for k, v in fmodel.params().items()}
@@ -112,7 +112,7 @@ class ProtoNet(Algorithm):
 
         with torch.no_grad():
             centres = self.execution.run(prototypes, fmodel, task)[0]
-        return EmbeddingClassifier(fixed_network(fmodel, theta, task.support_x[0], 0), PrototypeHead(centres))
+        return EmbeddingClassifier(fixed_network(fmodel, theta, statistics_images(task, bn_batch), 0), PrototypeHead(centres))
 
     def record_statistics(self, fmodel: FunctionalModel, tasks: Tasks) -> None:
         """Running batch-norm statistics (model.bn=frozen) from the support sets' embeddings."""

@@ -9,7 +9,8 @@ that every image is classified on its own, whatever else is in its batch:
 * `model.bn=transductive`: the support set's batch statistics at each layer, as the adapted network sees
   them (one forward pass over the support images with the adapted parameters). Evaluation normalises the
   queries with the query batch's own statistics instead; the fixed network gives the support images the
-  outputs transductive adaptation gave them.
+  outputs transductive adaptation gave them. With `bn_batch="query"` the query batch's statistics are used
+  instead, and the fixed network gives the queries evaluation's outputs (what int8 scoring quantizes).
 * `model.bn=frozen` / `per_step`: the stored running statistics of the step the adaptation ended at, which
   evaluation scores the queries with: the fixed network is evaluation's predictor itself.
 
@@ -28,18 +29,29 @@ from torch import Tensor, nn
 from metalearn_cli.functional import FunctionalModel, Params
 from metalearn_cli.models import MetaBatchNorm2d
 
+#: the images whose statistics a transductive layer is fixed with: the support set (an export, which must
+#: answer each image alone) or the query batch (what evaluation normalises the queries with; int8 scoring)
+BN_BATCHES = ("support", "query")
+
+
+def statistics_images(task, bn_batch: str) -> Tensor:
+    """One task's images ([S or Q, *input_shape]) that `bn_batch` names."""
+    if bn_batch not in BN_BATCHES:
+        raise ValueError(f"bn_batch = {bn_batch!r}; allowed: {', '.join(BN_BATCHES)}")
+    return (task.support_x if bn_batch == "support" else task.query_x)[0]
+
 
 @torch.no_grad()
-def fixed_network(fmodel: FunctionalModel, params: Params, support_x: Tensor, step: int) -> nn.Module:
+def fixed_network(fmodel: FunctionalModel, params: Params, images: Tensor, step: int) -> nn.Module:
     """A copy of `fmodel`'s network with `params` (one task's, each of its parameter's own shape), in eval
-    mode and without gradients, its batch norm fixed: statistics of `support_x` ([S, *input_shape]) where the
-    layer is transductive, else the running statistics of inner step `step`."""
+    mode and without gradients, its batch norm fixed: statistics of `images` ([B, *input_shape], the support
+    set or the query batch) where the layer is transductive, else the running statistics of inner step `step`."""
     network = copy.deepcopy(fmodel.module)
     for name, parameter in network.named_parameters():
         parameter.copy_(params[name])
     network.requires_grad_(False).eval()
     norms = [(name, layer) for name, layer in network.named_modules() if isinstance(layer, MetaBatchNorm2d)]
-    measured = support_statistics(network, [(n, layer) for n, layer in norms if layer.mode == "transductive"], support_x)
+    measured = batch_statistics(network, [(n, layer) for n, layer in norms if layer.mode == "transductive"], images)
     for name, layer in norms:
         if layer.mode == "transductive":
             mean, var = measured[name]
@@ -58,9 +70,9 @@ def fixed_network(fmodel: FunctionalModel, params: Params, support_x: Tensor, st
 
 
 @torch.no_grad()
-def support_statistics(network: nn.Module, layers: list[tuple[str, MetaBatchNorm2d]], support_x: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+def batch_statistics(network: nn.Module, layers: list[tuple[str, MetaBatchNorm2d]], images: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
     """name -> (mean, variance) per channel of what each layer normalises in a forward pass of `network` over
-    `support_x`, computed as a transductive `MetaBatchNorm2d` computes its batch's (the biased variance: the
+    `images`, computed as a transductive `MetaBatchNorm2d` computes its batch's (the biased variance: the
     one it divides by)."""
     found: dict[str, tuple[Tensor, Tensor]] = {}
     if not layers:
@@ -75,7 +87,7 @@ def support_statistics(network: nn.Module, layers: list[tuple[str, MetaBatchNorm
 
     handles = [layer.register_forward_pre_hook(record(name)) for name, layer in layers]
     try:
-        network(support_x)
+        network(images)
     finally:
         for handle in handles:
             handle.remove()
