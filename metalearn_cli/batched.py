@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metalearn_cli.batch_norm import batch_norm
 from metalearn_cli.models import MLP, Conv4, GaussianMLP, MetaBatchNorm2d
 
 Params = dict[str, Tensor]
@@ -50,10 +51,11 @@ def _batch_norm(x: Tensor, layer: MetaBatchNorm2d, weight: Tensor, bias: Tensor,
     """x [N, T*C, H, W]; statistics per task and channel (as MetaBatchNorm2d on each task alone).
 
     In this layout every (task, channel) pair is a channel of its own, so PyTorch's fused batch norm
-    over dims (N, H, W) computes exactly the per-task statistics, with an exact double backward.
+    over dims (N, H, W) computes exactly the per-task statistics; `metalearn_cli.batch_norm` gives it a
+    double backward written for the case (second-order MAML's costliest node after the convolutions).
     """
     if layer.mode == "transductive" or layer.training:
-        return F.batch_norm(x, None, None, weight.reshape(-1), bias.reshape(-1), True, 0.0, layer.eps)
+        return batch_norm(x, weight.reshape(-1), bias.reshape(-1), layer.eps)
     layer.step = step
     slot = layer._slot()
     mean = layer.running_mean[slot].repeat(tasks)
