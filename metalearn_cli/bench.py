@@ -1,14 +1,19 @@
-"""`metalearn bench`: time one meta-iteration of our MAML against the textbook per-task loop.
+"""`metalearn bench`: time one meta-iteration of our MAML against the two per-task loops users run.
 
 For each workload, in one process, on the same model weights, the same tasks and the same seed,
-the two implementations alternate step by step (so machine noise hits both alike); we report the
-median milliseconds per meta-iteration of each, their ratio, the peak memory of each (RSS on the
-CPU, measured in a fresh subprocess per implementation; allocator peak on a GPU), and check that
-both give the same meta-gradient (relative error < 1e-4).
+the implementations alternate step by step (so machine noise hits all alike); we report the
+median milliseconds per meta-iteration of each, our ratio against each reference, the peak memory
+of each (RSS on the CPU, measured in a fresh subprocess per implementation; allocator peak on a
+GPU), and check that all give the same meta-gradient (relative error < 1e-4).
 
-The reference is what learn2learn, higher and most papers' code do: for every task,
-functional_call on the support set, torch.autograd.grad(create_graph=True), SGD step, query loss;
-then one backward of the mean query loss.
+Both references run, for every task, functional_call on the support set,
+torch.autograd.grad(create_graph=True), an SGD step and the query loss. They differ in the backward:
+
+* `per_task_backward`: backward() of each task's query loss (divided by the meta-batch) inside the
+  task loop, which frees each task's graph before the next is built: what learn2learn's own
+  examples (examples/vision/maml_omniglot.py) do, and the faster of the two on a CPU;
+* `one_backward`: one backward of the mean query loss after the loop, which keeps every task's
+  graph alive until then: what higher's examples and many papers' code do.
 
 The reinforcement-learning workloads (nav2d, halfcheetah: environment steps per second against one
 episode at a time, and one MAML-TRPO meta-iteration by phase) are `metalearn_cli.bench_rl`'s.
@@ -31,7 +36,6 @@ from typing import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call
 
 from metalearn_cli import bench_rl
@@ -104,8 +108,14 @@ WORKLOADS = {
 DEFAULT_WORKLOADS = ["sinusoid", "omniglot-5w1s", "omniglot-5w1s-fo"]
 
 
-def reference_step(model: torch.nn.Module, objective, tasks: TaskBatch, steps: int, lr: float, first_order: bool) -> float:
-    """The textbook MAML meta-gradient: a Python loop over tasks (fills model .grad)."""
+#: the reference loops, in the order they are reported (module docstring)
+REFERENCES = ("per_task_backward", "one_backward")
+
+
+def reference_step(model: torch.nn.Module, objective, tasks: TaskBatch, steps: int, lr: float, first_order: bool,
+                   reference: str = "per_task_backward") -> float:
+    """The textbook MAML meta-gradient: a Python loop over tasks (fills model .grad), with one backward per
+    task or one for the meta-batch (`reference`)."""
     params = dict(model.named_parameters())
     total = 0.0
     for i in range(tasks.num_tasks):
@@ -114,10 +124,14 @@ def reference_step(model: torch.nn.Module, objective, tasks: TaskBatch, steps: i
             loss = objective.loss(functional_call(model, fast, (tasks.support_x[i],)), tasks.support_y[i])
             grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
             fast = {k: v - lr * g for (k, v), g in zip(fast.items(), grads)}
-        total = total + objective.loss(functional_call(model, fast, (tasks.query_x[i],)), tasks.query_y[i])
-    loss = total / tasks.num_tasks
-    loss.backward()
-    return float(loss.detach())
+        query = objective.loss(functional_call(model, fast, (tasks.query_x[i],)), tasks.query_y[i]) / tasks.num_tasks
+        if reference == "per_task_backward":
+            query.backward()
+            query = query.detach()
+        total = total + query
+    if reference == "one_backward":
+        total.backward()
+    return float(total.detach())
 
 
 def ours_step(algo: MAML, fmodel: FunctionalModel, tasks: TaskBatch) -> float:
@@ -136,25 +150,29 @@ def _grads(model: torch.nn.Module) -> torch.Tensor:
 
 
 def gradient_agreement(w: Workload, model: torch.nn.Module, algo: MAML, tasks: TaskBatch) -> float:
-    """Relative error between our meta-gradient and the reference's, in float64 on the same weights and
-    tasks (float32 rounding differs between algorithms, and with several second-order steps on random
-    data the difference can reach 1e-3 in float32 while the math is identical: 1e-14 in float64)."""
+    """The largest relative error between our meta-gradient and each reference's, in float64 on the same
+    weights and tasks (float32 rounding differs between algorithms, and with several second-order steps on
+    random data the difference can reach 1e-3 in float32 while the math is identical: 1e-14 in float64)."""
     import copy
 
     model64 = copy.deepcopy(model).double()
     tasks64 = TaskBatch(*(t.double() if t.is_floating_point() else t for t in tasks.tensors()))
-    reference_step(model64, w.objective(), tasks64, w.inner_steps, w.inner_lr, w.first_order)
-    g_ref = _grads(model64).clone()
-    model64.zero_grad()
     ours_step(algo, FunctionalModel(model64), tasks64)
-    g_ours = _grads(model64)
-    return float((g_ours - g_ref).norm() / g_ref.norm().clamp_min(1e-300))
+    g_ours = _grads(model64).clone()
+    worst = 0.0
+    for reference in REFERENCES:
+        model64.zero_grad()
+        reference_step(model64, w.objective(), tasks64, w.inner_steps, w.inner_lr, w.first_order, reference)
+        g_ref = _grads(model64)
+        worst = max(worst, float((g_ours - g_ref).norm() / g_ref.norm().clamp_min(1e-300)))
+    return worst
 
 
 def run_workload(w: Workload, strategy: str, repeats: int, warmup: int, device: torch.device, seed: int = 0,
-                 task_chunks: Sequence[int | str] = ("auto",)) -> list[dict]:
-    """Time the reference and our step with each `algo.task_chunk` in `task_chunks`, interleaved
-    (reference, then each of ours, repeated), on the same weights and tasks: one row per chunk."""
+                 task_chunks: Sequence[int | str] = ("auto",), task_threads: Sequence[int | str] = ("auto",)) -> list[dict]:
+    """Time both references and our step with each `algo.task_chunk` in `task_chunks` and each
+    `algo.task_threads` in `task_threads`, interleaved (the references, then each of ours, repeated), on the
+    same weights and tasks: one row per (chunk, threads)."""
     torch.manual_seed(seed)
     model = w.model().to(device)
     objective = w.objective()
@@ -162,36 +180,39 @@ def run_workload(w: Workload, strategy: str, repeats: int, warmup: int, device: 
     tasks = w.tasks(seed, device)
     algos = [
         MAML(inner_lr=w.inner_lr, inner_steps=w.inner_steps, eval_inner_steps=1, outer_lr=1e-3,
-             first_order=w.first_order, vectorize=strategy, task_chunk=chunk)
-        for chunk in task_chunks
+             first_order=w.first_order, vectorize=strategy, task_chunk=chunk, task_threads=threads)
+        for chunk in task_chunks for threads in task_threads
     ]
     errors = [gradient_agreement(w, model, algo, tasks) for algo in algos]
-    times: list[list[float]] = [[] for _ in range(len(algos) + 1)]  # reference first
+    refs = len(REFERENCES)
+    times: list[list[float]] = [[] for _ in range(len(algos) + refs)]  # the references first
     for i in range(warmup + repeats):
-        for j in range(len(algos) + 1):
+        for j in range(len(algos) + refs):
             model.zero_grad(set_to_none=True)
             _sync(device)
             start = time.perf_counter()
-            if j == 0:
-                reference_step(model, objective, tasks, w.inner_steps, w.inner_lr, w.first_order)
+            if j < refs:
+                reference_step(model, objective, tasks, w.inner_steps, w.inner_lr, w.first_order, REFERENCES[j])
             else:
-                ours_step(algos[j - 1], fmodel, tasks)
+                ours_step(algos[j - refs], fmodel, tasks)
             _sync(device)
             if i >= warmup:
                 times[j].append((time.perf_counter() - start) * 1e3)
-    ref_ms = statistics.median(times[0])
+    ref_ms = {name: statistics.median(t) for name, t in zip(REFERENCES, times)}
     rows = []
-    for algo, error, ours in zip(algos, errors, times[1:]):
+    for algo, error, ours in zip(algos, errors, times[refs:]):
         chosen = algo.execution.describe(fmodel, tasks)
+        ours_ms = statistics.median(ours)
         rows.append({
             "workload": w.name,
             "description": w.description,
             "strategy": strategy,
             "resolved": chosen["strategy"],
             "task_chunk": chosen["task_chunk"],
-            "reference_ms": ref_ms,
-            "ours_ms": statistics.median(ours),
-            "speedup": ref_ms / statistics.median(ours),
+            "task_threads": chosen["task_threads"],
+            **{f"{name}_ms": ms for name, ms in ref_ms.items()},
+            "ours_ms": ours_ms,
+            **{f"speedup_vs_{name}": ms / ours_ms for name, ms in ref_ms.items()},
             "grad_rel_error": error,
             "repeats": repeats,
         })
@@ -199,7 +220,7 @@ def run_workload(w: Workload, strategy: str, repeats: int, warmup: int, device: 
 
 
 def peak_memory(w: Workload, impl: str, strategy: str, device: torch.device, steps: int = 3, inner_steps: int | None = None,
-                task_chunk: int | str = "auto") -> dict:
+                task_chunk: int | str = "auto", task_threads: int | str = "auto") -> dict:
     """Peak memory in MiB of one implementation, in a fresh process: `rss`, the resident set above
     its level at start over the first `steps` meta-iterations (one-time costs such as kernel caches
     included), and `heap`, the bytes the allocator holds live during one more meta-iteration, above
@@ -208,14 +229,15 @@ def peak_memory(w: Workload, impl: str, strategy: str, device: torch.device, ste
     code = (
         "import sys, json, resource, torch;"
         "from metalearn_cli import bench as b;"
-        f"print(json.dumps(b._measure_memory({w.name!r}, {impl!r}, {strategy!r}, {str(device)!r}, {steps}, {inner_steps!r}, {task_chunk!r})))"
+        f"print(json.dumps(b._measure_memory({w.name!r}, {impl!r}, {strategy!r}, {str(device)!r}, {steps}, {inner_steps!r}, "
+        f"{task_chunk!r}, {task_threads!r})))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _measure_memory(name: str, impl: str, strategy: str, device: str, steps: int, inner_steps: int | None,
-                    task_chunk: int | str = "auto") -> dict:
+                    task_chunk: int | str = "auto", task_threads: int | str = "auto") -> dict:
     w = WORKLOADS[name]
     if inner_steps is not None:
         w = Workload(**{**w.__dict__, "inner_steps": inner_steps})
@@ -225,13 +247,13 @@ def _measure_memory(name: str, impl: str, strategy: str, device: str, steps: int
     objective = w.objective()
     fmodel = FunctionalModel(model)
     algo = MAML(inner_lr=w.inner_lr, inner_steps=w.inner_steps, eval_inner_steps=1, outer_lr=1e-3,
-                first_order=w.first_order, vectorize=strategy, task_chunk=task_chunk)
+                first_order=w.first_order, vectorize=strategy, task_chunk=task_chunk, task_threads=task_threads)
     tasks = w.tasks(0, dev)
 
     def one() -> None:
         model.zero_grad(set_to_none=True)
-        if impl == "reference":
-            reference_step(model, objective, tasks, w.inner_steps, w.inner_lr, w.first_order)
+        if impl in REFERENCES:
+            reference_step(model, objective, tasks, w.inner_steps, w.inner_lr, w.first_order, impl)
         else:
             ours_step(algo, fmodel, tasks)
 
@@ -424,6 +446,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task-chunk", default="auto", type=_chunks,
                         help="algo.task_chunk: tasks per pass with batched execution (auto or a number); "
                              "several, comma-separated, are timed interleaved in one process, e.g. 32,8,4")
+    parser.add_argument("--task-threads", default="auto", type=_chunks,
+                        help="algo.task_threads: parts differentiated at once on the CPU (auto or a number); several, "
+                             "comma-separated, are timed interleaved with every --task-chunk, e.g. 1,2")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -446,19 +471,27 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     print(f"machine: {machine()}")
     if names:
-        print(f"{'workload':<18} {'strategy':<10} {'reference ms':>12} {'ours ms':>9} {'speedup':>8} {'grad rel err':>12}")
+        print("references: per-task backward (learn2learn's examples) | one backward of the mean query loss")
+        print(f"{'workload':<18} {'strategy':<13} {'per-task ms':>11} {'one-bwd ms':>10} {'ours ms':>9} "
+              f"{'vs per-task':>11} {'vs one-bwd':>10} {'grad rel err':>12}")
     results = []
     for name in names:
-        ref_mem = peak_memory(WORKLOADS[name], "reference", args.strategy, device) if args.memory else None
-        for r in run_workload(WORKLOADS[name], args.strategy, args.repeats, args.warmup, device, task_chunks=args.task_chunk):
-            if args.memory:  # the reference does not depend on the chunk size: measured once per workload
-                r["reference_peak_mib"] = ref_mem
-                r["ours_peak_mib"] = ours_mem = peak_memory(WORKLOADS[name], "ours", args.strategy, device, task_chunk=r["task_chunk"])
+        ref_mem = {ref: peak_memory(WORKLOADS[name], ref, args.strategy, device) for ref in REFERENCES} if args.memory else None
+        for r in run_workload(WORKLOADS[name], args.strategy, args.repeats, args.warmup, device, task_chunks=args.task_chunk,
+                              task_threads=args.task_threads):
+            if args.memory:  # the references do not depend on the chunk size: measured once per workload
+                for ref in REFERENCES:
+                    r[f"{ref}_peak_mib"] = ref_mem[ref]
+                r["ours_peak_mib"] = ours_mem = peak_memory(WORKLOADS[name], "ours", args.strategy, device, task_chunk=r["task_chunk"],
+                                                            task_threads=r["task_threads"])
             results.append(r)
             how = f"{r['resolved']}/{r['task_chunk']}" if r["resolved"] == "batched" else r["resolved"]
-            print(f"{name:<18} {how:<10} {r['reference_ms']:>12.2f} {r['ours_ms']:>9.2f} {r['speedup']:>7.2f}x {r['grad_rel_error']:>12.1e}"
-                  + (f"   peak MiB (rss / heap) ref {ref_mem['rss']:.0f} / {ref_mem['heap']:.0f}"
-                     f" ours {ours_mem['rss']:.0f} / {ours_mem['heap']:.0f}" if args.memory else ""))
+            how += f" x{r['task_threads']}" if r["task_threads"] > 1 else ""
+            print(f"{name:<18} {how:<13} {r['per_task_backward_ms']:>11.2f} {r['one_backward_ms']:>10.2f} {r['ours_ms']:>9.2f} "
+                  f"{r['speedup_vs_per_task_backward']:>10.2f}x {r['speedup_vs_one_backward']:>9.2f}x {r['grad_rel_error']:>12.1e}"
+                  + ("   peak MiB (rss / heap) " + ", ".join(f"{ref.replace('_', '-')} {m['rss']:.0f} / {m['heap']:.0f}"
+                                                           for ref, m in ref_mem.items())
+                     + f", ours {ours_mem['rss']:.0f} / {ours_mem['heap']:.0f}" if args.memory else ""))
             if r["grad_rel_error"] >= 1e-4:
                 print(f"  WARNING: meta-gradients differ (relative error {r['grad_rel_error']:.1e})", file=sys.stderr)
     sweep = []
@@ -466,10 +499,11 @@ def main(argv: list[str] | None = None) -> None:
         w = WORKLOADS[args.memory_workload]
         print(f"second-order MAML peak memory (MiB, rss / heap) against inner steps, {w.name}:")
         for k in [int(s) for s in args.memory_steps.split(",")]:
-            ref = peak_memory(w, "reference", args.strategy, device, inner_steps=k, task_chunk=args.task_chunk[0])
-            ours = peak_memory(w, "ours", args.strategy, device, inner_steps=k, task_chunk=args.task_chunk[0])
-            sweep.append({"workload": w.name, "inner_steps": k, "reference_peak_mib": ref, "ours_peak_mib": ours})
-            print(f"  {k:>2} steps: reference {ref['rss']:7.0f} / {ref['heap']:7.0f}   ours {ours['rss']:7.0f} / {ours['heap']:7.0f}")
+            row = {f"{impl}_peak_mib": peak_memory(w, impl, args.strategy, device, inner_steps=k, task_chunk=args.task_chunk[0])
+                   for impl in (*REFERENCES, "ours")}
+            sweep.append({"workload": w.name, "inner_steps": k, **row})
+            print(f"  {k:>2} steps: " + "   ".join(f"{impl.replace('_peak_mib', '').replace('_', '-')} {m['rss']:7.0f} / {m['heap']:7.0f}"
+                                                 for impl, m in row.items()))
     extra: dict = {}
     if rl_names:
         extra["rl"] = bench_rl.run(rl_names, args)

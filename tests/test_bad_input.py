@@ -34,6 +34,7 @@ from conftest import FAST, OMNIGLOT, assert_clean_error, snapshot
         ("algo.vectorize=gpu", ["algo.vectorize", "vmap", "loop"]),
         ("algo.inner_params=bn", ["algo.inner_params", "'bn'", "all, no_bn, head"]),
         ("algo.task_chunk=0", ["algo.task_chunk", "0", "auto"]),
+        ("algo.task_threads=0", ["algo.task_threads", "0", "auto"]),
         ("sampler.queries=null", ["sampler.queries", "missing"]),
         ("algo.no_such_key=1", ["algo.no_such_key"]),
         ("iterations_per_batch=2", ["iterations_per_batch", "2", "trainer.val_check_interval", "3"]),

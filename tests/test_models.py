@@ -160,21 +160,24 @@ def test_auto_task_chunk_is_eight_conv_tasks_on_the_cpu_and_the_whole_batch_else
 
 
 def test_auto_execution_counts_the_examples_an_inner_step_sees(monkeypatch):
-    """`algo.vectorize=auto` on conv4: the per-task loop for large support sets, but Reptile's inner
-    steps see mini-batches of `inner_batch_size`, which run batched (BENCHMARKS.md: Omniglot, 50
-    support examples in batches of 10, 72 ms batched against 117 ms in the loop)."""
-    monkeypatch.setattr(execution, "AUTO_BATCHED_MAX_SUPPORT", 10)  # the tiny images allow 12 support examples, not 21
+    """`algo.task_chunk=auto` on conv4 and the CPU: fewer tasks per pass for large support sets, but Reptile's
+    inner steps see mini-batches of `inner_batch_size`, which count as small (BENCHMARKS.md, "Speed")."""
+    monkeypatch.setattr(execution, "AUTO_LARGE_SUPPORT", 10)  # the tiny images allow 12 support examples, not 21
     _, tasks = _tiny_tasks(shots=4)  # 3 ways x 4 shots = 12 support examples
     fmodel = FunctionalModel(Conv4((1, 8, 8), 3, channels=4).double())
-    assert MAML(inner_lr=0.3, inner_steps=1, eval_inner_steps=1, outer_lr=1e-3).execution.strategy(fmodel.module, tasks) == "loop"
+    maml = MAML(inner_lr=0.3, inner_steps=1, eval_inner_steps=1, outer_lr=1e-3).execution
+    assert maml.strategy(fmodel.module, tasks) == "batched"
+    assert maml.chunk(fmodel.module, tasks, "batched") == execution.AUTO_CONV_TASK_CHUNK_LARGE_SUPPORT
+    assert maml.chunk(fmodel.module, tasks, "batched", examples=5) == execution.AUTO_CONV_TASK_CHUNK
     seen = []
-    for batch_size, expected in ((5, "batched"), (None, "loop")):
+    for batch_size, expected in ((5, execution.AUTO_CONV_TASK_CHUNK), (None, execution.AUTO_CONV_TASK_CHUNK_LARGE_SUPPORT)):
         algo = Reptile(inner_lr=0.01, inner_steps=2, eval_inner_steps=1, outer_lr=1.0, inner_batch_size=batch_size)
-        chosen = algo.execution.strategy
-        algo.execution.strategy = lambda *a, _f=chosen, **k: seen.append(_f(*a, **k)) or seen[-1]
+        chosen = algo.execution.chunk
+        algo.execution.chunk = lambda *a, _f=chosen, **k: seen.append(_f(*a, **k)) or seen[-1]
         algo.meta_step(fmodel, tasks)
         assert seen[-1] == expected
-        assert algo.evaluate(fmodel, tasks).shape[0] == tasks.num_tasks and seen[-1] == "loop"  # evaluation: the whole support set
+        assert algo.evaluate(fmodel, tasks).shape[0] == tasks.num_tasks  # evaluation: the whole support set
+        assert seen[-1] == execution.AUTO_CONV_TASK_CHUNK_LARGE_SUPPORT
 
 
 def test_transductive_batch_norm_mixes_query_examples_and_frozen_does_not():

@@ -147,7 +147,7 @@ class Algorithm(ABC):
     eval_inner_steps, eval_inner_lr: the adaptation used to score validation and test tasks (eval_inner_lr:
         a step size, or a list of them, one per step, the last repeating; None: inner_lr).
     outer_lr: the meta-optimizer's learning rate.
-    vectorize, task_chunk: how the tasks of a batch run (`metalearn_cli.execution.Execution`).
+    vectorize, task_chunk, task_threads: how the tasks of a batch run (`metalearn_cli.execution.Execution`).
     """
 
     name = "algorithm"
@@ -171,6 +171,7 @@ class Algorithm(ABC):
         eval_inner_lr: float | Sequence[float] | None = None,
         vectorize: str = "auto",
         task_chunk: int | str = "auto",
+        task_threads: int | str = "auto",
     ) -> None:
         if self.has_inner_loop:
             options.number("inner_lr", inner_lr, "the inner-loop learning rate")
@@ -183,7 +184,7 @@ class Algorithm(ABC):
         #: one step size, or one per adaptation step (the last repeating): what `eval_optimizer`'s SGD takes
         self.eval_inner_lr: float | tuple[float, ...] = float(inner_lr) if eval_inner_lr is None else eval_inner_lr
         self.outer_lr = options.number("outer_lr", outer_lr, "the meta-optimizer's learning rate")
-        self.execution = Execution(vectorize, task_chunk)
+        self.execution = Execution(vectorize, task_chunk, task_threads)
 
     # -- meta-training --------------------------------------------------------------------
     def extra_modules(self, model: nn.Module, source: Any, sampler: Any) -> dict[str, nn.Module]:

@@ -118,9 +118,9 @@ class MAML(Algorithm):
             return self.trpo_meta_step(fmodel, tasks, iteration)
         theta = fmodel.params()
         first_order = self.is_first_order(iteration)
-        losses, metrics = self.execution.run(lambda model, part: self.query_scores(model, theta, part, first_order, iteration), fmodel, tasks)
-        loss = losses.mean()
-        return MetaStep(loss=loss, metrics={"loss": loss.detach(), tasks.objective.metric_name: metrics.detach().mean()})
+        loss, (metrics,) = self.execution.mean_loss(
+            lambda model, part: self.query_scores(model, theta, part, first_order, iteration), fmodel, tasks)
+        return MetaStep(loss=loss, metrics={"loss": loss.detach(), tasks.objective.metric_name: metrics.mean()})
 
     def query_scores(self, model: TaskModel, theta: Params, tasks: Tasks, first_order: bool, iteration: int) -> tuple[Tensor, Tensor]:
         """[T] query losses after the inner loop (the meta-objective) and [T] query metrics."""

@@ -42,9 +42,9 @@ class ProtoNet(Algorithm):
     head_fixes_ways = False  # prototypes: one per class of the task, any number of them
 
     def __init__(self, outer_lr: float, lr_decay_steps: int = 0, lr_decay: float = 0.5,
-                 vectorize: str = "auto", task_chunk: int | str = "auto") -> None:
+                 vectorize: str = "auto", task_chunk: int | str = "auto", task_threads: int | str = "auto") -> None:
         super().__init__(inner_lr=0.0, inner_steps=0, eval_inner_steps=0, outer_lr=outer_lr,
-                         vectorize=vectorize, task_chunk=task_chunk)
+                         vectorize=vectorize, task_chunk=task_chunk, task_threads=task_threads)
         self.lr_decay_steps = options.integer("lr_decay_steps", lr_decay_steps, "meta-iterations between rate decays; 0: none", minimum=0)
         self.lr_decay = options.number("lr_decay", lr_decay, "the factor applied to the rate at each decay, at most 1")
         if self.lr_decay > 1:
@@ -80,8 +80,7 @@ class ProtoNet(Algorithm):
 
     def meta_step(self, fmodel: FunctionalModel, tasks: Tasks, iteration: int = 0) -> MetaStep:
         theta = fmodel.params()
-        losses, metrics = self.execution.run(lambda model, part: self.scores(model, theta, part), fmodel, tasks)
-        loss = losses.mean()
+        loss, (metrics,) = self.execution.mean_loss(lambda model, part: self.scores(model, theta, part), fmodel, tasks)
         return MetaStep(loss=loss, metrics={"loss": loss.detach(), tasks.objective.metric_name: metrics.mean()})
 
     def evaluation(self, fmodel: FunctionalModel, tasks: Tasks, steps: int | None = None) -> Evaluation:
