@@ -238,6 +238,9 @@ def peak_memory(w: Workload, impl: str, strategy: str, device: torch.device, ste
 
 def _measure_memory(name: str, impl: str, strategy: str, device: str, steps: int, inner_steps: int | None,
                     task_chunk: int | str = "auto", task_threads: int | str = "auto") -> dict:
+    from metalearn_cli.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as the `metalearn` process that times them
     w = WORKLOADS[name]
     if inner_steps is not None:
         w = Workload(**{**w.__dict__, "inner_steps": inner_steps})

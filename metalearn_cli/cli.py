@@ -107,6 +107,9 @@ def main() -> None:
     import importlib
     import importlib.util
 
+    from metalearn_cli.allocator import keep_freed_memory
+
+    keep_freed_memory()
     problem = missing_plugin(args[1:]) or misused_tuning(args[1:])
     if problem:
         print(f"Error: {problem}", file=sys.stderr)

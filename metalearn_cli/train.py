@@ -170,5 +170,8 @@ def main(cfg: DictConfig) -> float | None:
     return train(cfg)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # DDP's other ranks start here, not through the `metalearn` dispatcher
+    from metalearn_cli.allocator import keep_freed_memory
+
+    keep_freed_memory()
     main()
