@@ -61,6 +61,21 @@ def subprocess_env() -> dict:
     return env
 
 
+def write_grey_classes(root: Path, classes: int, per_class: int, side: int = 16) -> Path:
+    """`root`/c00, c01, ...: `classes` folders of `per_class` grey PNGs of side x side pixels, each class a noisy
+    copy of its own random pattern (one generator, seed 0, class after class): a labelled folder for data=folder."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        folder = root / f"c{c:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        base = rng.integers(0, 256, (side, side))
+        for i in range(per_class):
+            Image.fromarray(np.clip(base + rng.integers(-40, 40, (side, side)), 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
 def run_folders(root: Path) -> list[Path]:
     """The run folders (those holding .hydra/config.yaml) under `root`."""
     return sorted(p.parent.parent for p in root.rglob(".hydra/config.yaml"))

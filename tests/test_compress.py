@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 
-from conftest import assert_clean_error, metalearn_in_process, run_folders
+from conftest import assert_clean_error, metalearn_in_process, run_folders, write_grey_classes
 from metalearn_cli.algorithms import MAML, MetaSGD, ProtoNet, Reptile
 from metalearn_cli.algorithms.base import adapt
 from metalearn_cli.algorithms.finetune import Finetune
@@ -29,14 +28,7 @@ TINY = ["trainer.enable_progress_bar=false", "eval.num_tasks=4", "compress.laten
 @pytest.fixture(scope="module")
 def grey_folder(tmp_path_factory) -> Path:
     """30 classes of four 16x16 grey PNGs (12/9/9 train/val/test classes with data.fractions=[0.4,0.3,0.3])."""
-    root = tmp_path_factory.mktemp("grey")
-    rng = np.random.default_rng(0)
-    for c in range(30):
-        (root / f"c{c:02d}").mkdir()
-        base = rng.integers(0, 256, (16, 16))
-        for i in range(4):
-            Image.fromarray(np.clip(base + rng.integers(-40, 40, (16, 16)), 0, 255).astype(np.uint8)).save(root / f"c{c:02d}" / f"{i}.png")
-    return root
+    return write_grey_classes(tmp_path_factory.mktemp("grey"), 30, 4)
 
 
 @pytest.fixture(scope="module")

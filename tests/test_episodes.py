@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import OMNIGLOT, assert_clean_error, metalearn_in_process, snapshot
+from conftest import OMNIGLOT, assert_clean_error, metalearn_in_process, snapshot, write_grey_classes
 from metalearn_cli.data.images import ImageClasses
 from metalearn_cli.episodes import load_episode_tasks, read_episode_file
 from metalearn_cli.errors import MetalearnError
@@ -42,14 +42,7 @@ def proto_run(tmp_path_factory, omniglot_cache) -> Path:
 @pytest.fixture(scope="module")
 def grey_folder(tmp_path_factory) -> Path:
     """60 classes of two 16x16 grey PNGs each: 20 per split with data.fractions=[0.34,0.33,0.33]."""
-    root = tmp_path_factory.mktemp("grey")
-    rng = np.random.default_rng(0)
-    for c in range(60):
-        (root / f"c{c:02d}").mkdir()
-        base = rng.integers(0, 256, (16, 16))
-        for i in range(2):
-            Image.fromarray(np.clip(base + rng.integers(-40, 40, (16, 16)), 0, 255).astype(np.uint8)).save(root / f"c{c:02d}" / f"{i}.png")
-    return root
+    return write_grey_classes(tmp_path_factory.mktemp("grey"), 60, 2)
 
 
 @pytest.fixture(scope="module")

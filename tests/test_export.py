@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import assert_clean_error, metalearn_in_process, snapshot
+from conftest import assert_clean_error, metalearn_in_process, snapshot, write_grey_classes
 from metalearn_cli.algorithms import ANIL, MAML, Finetune, FunctionalModel, MAMLpp, MetaSGD, ProtoNet, Reptile
 from metalearn_cli.compression.formats import ExportFormat
 from metalearn_cli.models import Conv4
@@ -172,13 +172,7 @@ def _png(path: Path, pixels: np.ndarray) -> None:
 def images(tmp_path_factory) -> Path:
     """15 classes of four 16x16 grey PNGs, each class a noisy copy of its own pattern (5 classes per split with
     data.fractions=[0.34,0.33,0.33])."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for c in range(15):
-        base = rng.integers(0, 256, (SIDE, SIDE))
-        for i in range(4):
-            _png(root / f"c{c:02d}" / f"{i}.png", np.clip(base + rng.integers(-40, 40, (SIDE, SIDE)), 0, 255))
-    return root
+    return write_grey_classes(tmp_path_factory.mktemp("images"), 15, 4, side=SIDE)
 
 
 def _train(cwd: Path, images: Path, *args: str) -> Path:
