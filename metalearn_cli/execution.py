@@ -86,15 +86,19 @@ class Execution:
         """The loop runs the batched kernel one task at a time where the model has one."""
         return "batched" if strategy == "loop" and batched.supports(module) else strategy
 
+    def plan(self, fmodel: FunctionalModel, tasks: Tasks, examples: int | None = None) -> tuple[str, str, int]:
+        """(strategy, kernel, tasks per pass) for these tasks."""
+        strategy = self.strategy(fmodel.module, tasks, examples)
+        return strategy, self.kernel(fmodel.module, strategy), self.chunk(fmodel.module, tasks, strategy, examples)
+
     def run(self, fn: Callable[..., Any], fmodel: FunctionalModel, tasks: Tasks, *per_task: Tensor,
             examples: int | None = None) -> Any:
         """fn(model, part, *per_task_part) -> per-task results ([t, ...] tensors, or dicts / tuples of
         them) for consecutive parts of `tasks` (and the matching rows of each tensor in `per_task`),
         joined over the parts. Each part's autograd graph is separate, so a backward through the
         joined result frees one part's temporaries before the next."""
-        strategy = self.strategy(fmodel.module, tasks, examples)
-        model = fmodel.on(self.kernel(fmodel.module, strategy))
-        chunk = self.chunk(fmodel.module, tasks, strategy, examples)
+        _, kernel, chunk = self.plan(fmodel, tasks, examples)
+        model = fmodel.on(kernel)
         if chunk >= tasks.num_tasks:
             return fn(model, tasks, *per_task)
         parts = [
@@ -115,11 +119,9 @@ class Execution:
 
     def describe(self, fmodel: FunctionalModel, tasks: Tasks, examples: int | None = None) -> dict:
         """The choice `run` makes for these tasks (what `metalearn bench` reports)."""
-        strategy = self.strategy(fmodel.module, tasks, examples)
-        chunk = self.chunk(fmodel.module, tasks, strategy, examples)
+        strategy, kernel, chunk = self.plan(fmodel, tasks, examples)
         parts = -(-tasks.num_tasks // chunk)
-        return {"strategy": strategy, "task_chunk": chunk,
-                "task_threads": self.threads(tasks, parts, self.kernel(fmodel.module, strategy))}
+        return {"strategy": strategy, "task_chunk": chunk, "task_threads": self.threads(tasks, parts, kernel)}
 
     def mean_loss(self, fn: Callable[..., Any], fmodel: FunctionalModel, tasks: Tasks, *per_task: Tensor,
                   examples: int | None = None) -> tuple[Tensor, Any]:
@@ -133,10 +135,8 @@ class Execution:
         threads each part runs with can change the last bits between settings of `task_threads`). It is then first
         order in the leaves: the gradient is exact, its derivative is not (no algorithm differentiates a
         meta-objective twice)."""
-        strategy = self.strategy(fmodel.module, tasks, examples)
-        kernel = self.kernel(fmodel.module, strategy)
+        _, kernel, chunk = self.plan(fmodel, tasks, examples)
         model = fmodel.on(kernel)
-        chunk = self.chunk(fmodel.module, tasks, strategy, examples)
         if chunk >= tasks.num_tasks:
             losses, *rest = fn(model, tasks, *per_task)
             return losses.mean(), detached(tuple(rest))
